@@ -1,0 +1,11 @@
+// Package waproxy is the caddy-waproxy plugin: a WhatsApp proxy built on
+// caddy-l4. Importing it (xcaddy build --with github.com/waproxy/caddy-waproxy)
+// registers every module: the wa_* matchers and handlers, the wa.dialers
+// dialers and the metrics they share.
+package waproxy
+
+import (
+	_ "github.com/waproxy/caddy-waproxy/modules/handlers"
+	_ "github.com/waproxy/caddy-waproxy/modules/matchers"
+	_ "github.com/waproxy/caddy-waproxy/modules/upstreams"
+)

@@ -1,0 +1,237 @@
+// Package testutil runs real peers for the tests: Caddy in-process with a real
+// config, loopback echo servers, free ports, and condition waits. It never
+// talks to anything but 127.0.0.1.
+package testutil
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// FreeAddr returns "127.0.0.1:<free port>".
+func FreeAddr(t testing.TB) string { return fmt.Sprintf("127.0.0.1:%d", FreePort(t)) }
+
+var caddyMu sync.Mutex // Caddy's running config is process-global
+
+// Caddy is an in-process Caddy started by StartCaddy.
+type Caddy struct {
+	// Admin is the admin endpoint's address ("127.0.0.1:port").
+	Admin string
+}
+
+// StartCaddy loads cfg (a JSON config, with "admin" left out: StartCaddy sets
+// it to a free loopback port and turns off persistence) and stops Caddy when
+// the test ends. Only one Caddy runs at a time in a test binary.
+func StartCaddy(t testing.TB, cfg string) *Caddy {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(cfg), &m); err != nil {
+		t.Fatalf("test config is not JSON: %v\n%s", err, cfg)
+	}
+	admin := FreeAddr(t)
+	full := withAdmin(m, admin)
+	caddyMu.Lock()
+	if err := caddy.Load(full, true); err != nil {
+		caddyMu.Unlock()
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		defer caddyMu.Unlock()
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	c := &Caddy{Admin: admin}
+	WaitFor(t, 5*time.Second, "admin endpoint up", func() bool {
+		resp, err := http.Get("http://" + admin + "/config/")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return c
+}
+
+func withAdmin(m map[string]any, admin string) []byte {
+	m["admin"] = map[string]any{"listen": admin, "config": map[string]any{"persist": false}}
+	full, _ := json.Marshal(m)
+	return full
+}
+
+// Load replaces the running config through the admin API's POST /load, as
+// an operator's reload does. The admin section is kept as StartCaddy set it.
+func (c *Caddy) Load(t testing.TB, cfg string) {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(cfg), &m); err != nil {
+		t.Fatalf("test config is not JSON: %v", err)
+	}
+	resp, err := http.Post("http://"+c.Admin+"/load", "application/json", bytes.NewReader(withAdmin(m, c.Admin)))
+	if err != nil {
+		t.Fatalf("POST /load: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		t.Fatalf("POST /load: status %d: %s", resp.StatusCode, body)
+	}
+}
+
+// Metrics returns the admin endpoint's /metrics text.
+func (c *Caddy) Metrics(t testing.TB) string {
+	t.Helper()
+	resp, err := http.Get("http://" + c.Admin + "/metrics")
+	if err != nil {
+		t.Fatalf("scraping metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("scraping metrics: status %d, %v", resp.StatusCode, err)
+	}
+	return string(body)
+}
+
+// Metric returns the value of the sample named series (for example
+// `whatsapp_proxy_errors_total{kind="dial"}`) in the admin endpoint's
+// /metrics, or fails the test if it is absent.
+func (c *Caddy) Metric(t testing.TB, series string) float64 {
+	t.Helper()
+	text := c.Metrics(t)
+	for _, line := range strings.Split(text, "\n") {
+		if name, val, ok := strings.Cut(line, " "); ok && name == series {
+			var f float64
+			if _, err := fmt.Sscan(val, &f); err != nil {
+				t.Fatalf("metric %s: bad value %q", series, val)
+			}
+			return f
+		}
+	}
+	t.Fatalf("metric %s not found in /metrics", series)
+	return 0
+}
+
+// WaitFor polls cond until it returns true, failing the test with what after
+// timeout. Use it instead of sleeping.
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for delay := time.Millisecond; ; delay = min(delay*2, 50*time.Millisecond) {
+		if cond() {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(delay)
+	}
+}
+
+// EchoServer is a loopback TCP server that echoes every byte back and records
+// the first bytes of each connection (up to 4 KiB).
+type EchoServer struct {
+	Addr   string
+	ln     net.Listener
+	mu     sync.Mutex
+	firsts [][]byte
+	conns  map[net.Conn]struct{}
+	wg     sync.WaitGroup
+}
+
+// StartEcho starts an EchoServer that stops when the test ends.
+func StartEcho(t testing.TB) *EchoServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &EchoServer{Addr: ln.Addr().String(), ln: ln, conns: make(map[net.Conn]struct{})}
+	go s.serve()
+	t.Cleanup(func() {
+		ln.Close()
+		s.mu.Lock()
+		for c := range s.conns { // a test that failed may leave relays open: end them
+			c.Close()
+		}
+		s.mu.Unlock()
+		s.wg.Wait()
+	})
+	return s
+}
+
+func (s *EchoServer) serve() {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		s.conns[c] = struct{}{}
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() {
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+				c.Close()
+			}()
+			buf := make([]byte, 32*1024)
+			var first []byte
+			for {
+				n, err := c.Read(buf)
+				if n > 0 {
+					if len(first) < 4096 {
+						first = append(first, buf[:min(n, 4096-len(first))]...)
+					}
+					if _, werr := c.Write(buf[:n]); werr != nil {
+						break
+					}
+				}
+				if err != nil {
+					if errors.Is(err, io.EOF) {
+						if tc, ok := c.(*net.TCPConn); ok {
+							_ = tc.CloseWrite()
+						}
+					}
+					break
+				}
+			}
+			s.mu.Lock()
+			s.firsts = append(s.firsts, first)
+			s.mu.Unlock()
+		}()
+	}
+}
+
+// Received returns the first bytes of each connection that has ended, in the
+// order they ended.
+func (s *EchoServer) Received() [][]byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([][]byte(nil), s.firsts...)
+}

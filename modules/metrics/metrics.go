@@ -1,0 +1,140 @@
+// Package metrics holds the proxy's Prometheus collectors.
+//
+// The collectors are created once per process and registered into every
+// config's registry (ctx.GetMetricsRegistry() is new on each config load), so
+// counters keep counting across reloads and several handlers can share them.
+// Label values are bounded: error kinds and protocols are the constants below.
+package metrics
+
+import (
+	"errors"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const namespace = "whatsapp_proxy"
+
+// Error kinds: the values of the `kind` label of whatsapp_proxy_errors_total.
+const (
+	// KindNotAllowed: the destination is outside the allowlist; it was never dialled.
+	KindNotAllowed = "not_allowed"
+	// KindDial: the destination (direct) or the SOCKS5 server could not be reached.
+	KindDial = "dial"
+	// KindTimeout: connecting (including the SOCKS5 handshake) took longer than connect_timeout.
+	KindTimeout = "timeout"
+	// KindSOCKS5Auth: the SOCKS5 server rejected our credentials or offered no usable method.
+	KindSOCKS5Auth = "socks5_auth"
+	// KindSOCKS5Refused: the SOCKS5 server answered CONNECT with a non-zero reply code.
+	KindSOCKS5Refused = "socks5_refused"
+	// KindSOCKS5Protocol: the SOCKS5 server sent something that is not valid SOCKS5.
+	KindSOCKS5Protocol = "socks5_protocol"
+	// KindProxyProtocol: the PROXY protocol header could not be built or written.
+	KindProxyProtocol = "proxy_protocol"
+	// KindIdleTimeout: nothing moved in either direction for idle_timeout.
+	KindIdleTimeout = "idle_timeout"
+	// KindRelay: a read or write failed while relaying an established connection.
+	KindRelay = "relay"
+	// KindDestination: the destination address (after placeholders) is not a valid host:port.
+	KindDestination = "destination"
+)
+
+// ErrorKinds lists every value of the kind label, so each series exists from the start.
+var ErrorKinds = []string{
+	KindNotAllowed, KindDial, KindTimeout, KindSOCKS5Auth, KindSOCKS5Refused,
+	KindSOCKS5Protocol, KindProxyProtocol, KindIdleTimeout, KindRelay, KindDestination,
+}
+
+// Protocols: the values of the `protocol` label of whatsapp_proxy_protocol_connections.
+const (
+	ProtocolWhatsApp     = "whatsapp"      // WA header (chat), see the wa_xmpp matcher
+	ProtocolWhatsAppEdge = "whatsapp_edge" // ED edge-routing prologue followed by the WA header
+	ProtocolXMPP         = "xmpp"          // an XMPP client or server stream
+	ProtocolTLS          = "tls"           // a TLS stream carried without termination
+	ProtocolHTTP         = "http"          // an HTTP proxy request
+	ProtocolRaw          = "raw"           // anything else (fallback routes)
+)
+
+// Protocols lists every value of the protocol label.
+var Protocols = []string{ProtocolWhatsApp, ProtocolWhatsAppEdge, ProtocolXMPP, ProtocolTLS, ProtocolHTTP, ProtocolRaw}
+
+var (
+	// ConnectionsTotal counts proxied connections (a destination was chosen).
+	ConnectionsTotal = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "connections_total",
+		Help: "Connections handled by the WhatsApp proxy handlers.",
+	})
+	// ConnectionsActive is the number of connections being proxied now.
+	ConnectionsActive = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "connections_active",
+		Help: "Connections being proxied now.",
+	})
+	// BytesSent counts bytes the proxy wrote to clients (destination → client).
+	BytesSent = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "bytes_sent_total",
+		Help: "Bytes sent to clients (destination to client).",
+	})
+	// BytesReceived counts bytes the proxy read from clients (client → destination).
+	BytesReceived = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "bytes_received_total",
+		Help: "Bytes received from clients (client to destination).",
+	})
+	// Errors counts failures by kind (see the Kind constants).
+	Errors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "errors_total",
+		Help: "Failures by kind: not_allowed, dial, timeout, socks5_auth, socks5_refused, socks5_protocol, proxy_protocol, idle_timeout, relay, destination.",
+	}, []string{"kind"})
+	// ProtocolConnections is the number of connections being proxied now, by detected protocol.
+	ProtocolConnections = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "protocol_connections",
+		Help: "Connections being proxied now, by detected protocol.",
+	}, []string{"protocol"})
+)
+
+func init() {
+	for _, k := range ErrorKinds {
+		Errors.WithLabelValues(k)
+	}
+	for _, p := range Protocols {
+		ProtocolConnections.WithLabelValues(p)
+	}
+}
+
+// Register adds the collectors to reg. It is safe to call for every handler
+// and every config load: a collector that is already registered is not an error.
+func Register(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{
+		ConnectionsTotal, ConnectionsActive, BytesSent, BytesReceived, Errors, ProtocolConnections,
+	} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) && are.ExistingCollector == c {
+				continue
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// CountError increments errors_total for kind.
+func CountError(kind string) { Errors.WithLabelValues(kind).Inc() }
+
+// protocolVar is the connection variable in which matchers record what they detected.
+const protocolVar = "wa.protocol"
+
+// SetProtocol records on the connection which protocol a matcher detected,
+// for the protocol label. Matchers call it when they match.
+func SetProtocol(cx *layer4.Connection, protocol string) { cx.SetVar(protocolVar, protocol) }
+
+// Protocol returns the protocol a matcher recorded on the connection, or
+// ProtocolRaw when none did.
+func Protocol(cx *layer4.Connection) string {
+	if p, ok := cx.GetVar(protocolVar).(string); ok && p != "" {
+		return p
+	}
+	return ProtocolRaw
+}
