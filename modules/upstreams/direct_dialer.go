@@ -1,0 +1,114 @@
+package upstreams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+)
+
+func init() {
+	caddy.RegisterModule(new(Direct))
+}
+
+// Direct connects to destinations directly, from this host. Host names are
+// resolved here, with the system resolver. It has no options.
+type Direct struct {
+	dialer net.Dialer
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Direct) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "wa.dialers.direct",
+		New: func() caddy.Module { return new(Direct) },
+	}
+}
+
+// Provision sets up the dialer. TCP keep-alive uses Go's defaults (probes
+// after 15s idle).
+func (dd *Direct) Provision(caddy.Context) error {
+	dd.dialer = net.Dialer{}
+	return nil
+}
+
+// DialContext connects to address ("host:port") over TCP and returns the
+// *net.TCPConn. Errors are *DialError values of kind metrics.KindTimeout when
+// ctx's deadline passed, else metrics.KindDial; the message names address.
+func (dd *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	if err := checkNetwork(network); err != nil {
+		return nil, err
+	}
+	c, err := dd.dialer.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, opCause(err))}
+	}
+	return c, nil // a *net.TCPConn
+}
+
+// String describes the dialer for logs.
+func (*Direct) String() string { return "direct" }
+
+// UnmarshalCaddyfile sets up the dialer from Caddyfile tokens. Syntax:
+//
+//	via direct
+//
+// The dialer takes no arguments and no block.
+func (dd *Direct) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the dialer name
+	if d.NextArg() {
+		return d.Errf("direct: unexpected argument '%s': the direct dialer takes no arguments", d.Val())
+	}
+	if d.NextBlock(d.Nesting()) {
+		return d.Errf("direct: unexpected block: the direct dialer has no options")
+	}
+	return nil
+}
+
+// checkNetwork rejects networks other than TCP.
+func checkNetwork(network string) error {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		return nil
+	}
+	return dialErrorf(metrics.KindDestination, "unsupported network %q: only tcp can be dialled", network)
+}
+
+// dialErrKind classifies an error from net.Dialer.DialContext (or a read or
+// write during a handshake): a passed deadline is a timeout, anything else a
+// dial failure.
+func dialErrKind(ctx context.Context, err error) string {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+		return metrics.KindTimeout
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return metrics.KindTimeout
+	}
+	return metrics.KindDial
+}
+
+// opCause strips the "dial tcp <addr>" prefix of a *net.OpError, which the
+// callers replace with their own context, and returns the cause
+// ("connect: connection refused", "i/o timeout", "lookup x: no such host").
+func opCause(err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err
+	}
+	return err
+}
+
+// Interface guards
+var (
+	_ Dialer                = (*Direct)(nil)
+	_ caddy.Module          = (*Direct)(nil)
+	_ caddy.Provisioner     = (*Direct)(nil)
+	_ caddyfile.Unmarshaler = (*Direct)(nil)
+	_ fmt.Stringer          = (*Direct)(nil)
+)

@@ -1,0 +1,116 @@
+package upstreams
+
+import (
+	"context"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+)
+
+func TestDirectDial(t *testing.T) {
+	echo := testutil.StartEcho(t)
+	d := provisionDialer(t, new(Direct))
+
+	t.Run("by IP", func(t *testing.T) {
+		conn := mustDial(t, d, echo.Addr)
+		assertTCPConn(t, conn)
+		assertEchoes(t, conn, "hello direct")
+	})
+
+	t.Run("by name", func(t *testing.T) {
+		_, port, _ := net.SplitHostPort(echo.Addr)
+		conn := mustDial(t, d, net.JoinHostPort("localhost", port))
+		assertTCPConn(t, conn)
+		assertEchoes(t, conn, "hello by name")
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		addr := closedAddr(t)
+		_, err := dialTimeout(d, 5*time.Second, addr)
+		assertDialError(t, err, metrics.KindDial, "dial "+addr+": connect: connection refused")
+	})
+
+	t.Run("bad address", func(t *testing.T) {
+		_, err := dialTimeout(d, 5*time.Second, "127.0.0.1")
+		assertDialError(t, err, metrics.KindDial, "dial 127.0.0.1: address 127.0.0.1: missing port in address")
+	})
+
+	t.Run("deadline passed", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), -time.Second)
+		defer cancel()
+		_, err := d.DialContext(ctx, "tcp", echo.Addr)
+		de := assertDialErrorKind(t, err, metrics.KindTimeout)
+		if !strings.HasPrefix(de.Error(), "dial "+echo.Addr+": ") {
+			t.Fatalf("error %q does not name the address", de.Error())
+		}
+	})
+
+	t.Run("cancelled", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_, err := d.DialContext(ctx, "tcp", echo.Addr)
+		assertDialError(t, err, metrics.KindDial, "dial "+echo.Addr+": operation was canceled")
+	})
+
+	t.Run("not tcp", func(t *testing.T) {
+		_, err := d.DialContext(context.Background(), "udp", echo.Addr)
+		assertDialError(t, err, metrics.KindDestination, `unsupported network "udp": only tcp can be dialled`)
+	})
+
+	t.Run("zero value", func(t *testing.T) {
+		conn := mustDial(t, new(Direct), echo.Addr)
+		assertEchoes(t, conn, "unprovisioned")
+	})
+}
+
+func TestDirectUnmarshalCaddyfile(t *testing.T) {
+	unm, err := unmarshalVia(t, "via direct")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, ok := unm.(*Direct)
+	if !ok {
+		t.Fatalf("got %T", unm)
+	}
+	if d.String() != "direct" {
+		t.Fatalf("String() = %q", d.String())
+	}
+
+	for _, tc := range []struct{ input, want string }{
+		{"via direct 127.0.0.1:1080", "direct: unexpected argument '127.0.0.1:1080': the direct dialer takes no arguments"},
+		{"via direct {\n\ttimeout 5s\n}", "direct: unexpected block: the direct dialer has no options"},
+	} {
+		_, err := unmarshalVia(t, tc.input)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.input, err, tc.want)
+		}
+	}
+}
+
+func BenchmarkDirectDial(b *testing.B) {
+	echo := testutil.StartEcho(b)
+	d := provisionDialer(b, new(Direct))
+	msg := []byte("ping")
+	buf := make([]byte, len(msg))
+	b.ReportAllocs()
+	for b.Loop() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := d.DialContext(ctx, "tcp", echo.Addr)
+		cancel()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := conn.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			b.Fatal(err)
+		}
+		conn.Close()
+	}
+}
