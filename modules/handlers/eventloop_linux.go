@@ -1,0 +1,395 @@
+//go:build linux
+
+package handlers
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+)
+
+// The event loop relays established plain-TCP connections the way HAProxy
+// does: after detection and dialling, wa_proxy hands both sockets to an epoll
+// loop and returns, so an idle connection costs a small struct instead of two
+// goroutine stacks and caddy-l4's matching buffer. Each readable socket gets
+// one read into a borrowed buffer and one write to its peer; a write that
+// would block keeps the rest pending, stops reading from the source and waits
+// for the destination to become writable (backpressure). The buffer goes back
+// to the pool as soon as its bytes are written.
+
+// loopCount is how many epoll loops share the connections. Each loop is one
+// goroutine blocked in epoll_wait.
+var loopCount = min(runtime.GOMAXPROCS(0), 4)
+
+var (
+	loopsOnce sync.Once
+	loops     []*eventLoop
+	loopsErr  error
+	loopNext  atomic.Uint32
+)
+
+func startLoops() ([]*eventLoop, error) {
+	loopsOnce.Do(func() {
+		for range loopCount {
+			l, err := newEventLoop()
+			if err != nil {
+				loopsErr = err
+				return
+			}
+			loops = append(loops, l)
+			go l.run()
+		}
+	})
+	return loops, loopsErr
+}
+
+// pairStats is what a relayed pair moved: bytes read from the client
+// (toUpstream) and from the upstream (toClient).
+type pairStats struct{ toUpstream, toClient int64 }
+
+// offload hands an established client/upstream pair to an event loop. It
+// takes over both connections: it duplicates their sockets, closes upstream,
+// and leaves client for the caller to close (caddy-l4 closes it when the
+// handler returns; the duplicate keeps the socket open). done runs on the
+// loop's goroutine when the pair has ended, with the first error (nil for a
+// clean end on both sides, errIdle for the idle timeout); it must be quick.
+// offload returns false, having changed nothing, when the connections are
+// not plain TCP sockets or the loop is unavailable; the caller then relays
+// itself.
+func offload(client, upstream net.Conn, idle time.Duration, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) bool {
+	if relayMode != "" {
+		return false
+	}
+	cc, ok1 := client.(*net.TCPConn)
+	uc, ok2 := upstream.(*net.TCPConn)
+	if !ok1 || !ok2 {
+		return false
+	}
+	ls, err := startLoops()
+	if err != nil || len(ls) == 0 {
+		return false
+	}
+	cfd, err := dupFD(cc)
+	if err != nil {
+		return false
+	}
+	ufd, err := dupFD(uc)
+	if err != nil {
+		unix.Close(cfd)
+		return false
+	}
+	_ = upstream.Close() // the duplicate keeps the socket; Go's poller lets go of it
+	p := &pair{
+		fds:      [2]int{cfd, ufd},
+		idle:     idle,
+		counters: [2]prometheus.Counter{fromClient, fromUpstream},
+		done:     done,
+	}
+	p.touch()
+	l := ls[loopNext.Add(1)%uint32(len(ls))]
+	if err := l.add(p); err != nil {
+		// the pair is closed and done has been called
+		return true
+	}
+	return true
+}
+
+// dupFD duplicates a connection's socket (close-on-exec). The duplicate
+// shares the open file description, so it stays non-blocking.
+func dupFD(c *net.TCPConn) (int, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := raw.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	return fd, derr
+}
+
+type eventLoop struct {
+	epfd   int
+	mu     sync.Mutex
+	pairs  map[int32]*pair // both sockets of a pair map to it
+	nextID uint32
+}
+
+func newEventLoop() (*eventLoop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	return &eventLoop{epfd: epfd, pairs: make(map[int32]*pair)}, nil
+}
+
+// add registers both sockets. Events carry the socket and the pair's id, so
+// an event still queued for a closed socket whose number was reused by a
+// newer pair is recognised and dropped. The pair enters the map only once
+// both sockets are registered; until then its (level-triggered) events are
+// skipped and come again.
+func (l *eventLoop) add(p *pair) error {
+	p.loop = l
+	l.mu.Lock()
+	l.nextID++
+	p.id = l.nextID
+	l.mu.Unlock()
+	p.interest = [2]uint32{unix.EPOLLIN, unix.EPOLLIN}
+	for i, fd := range p.fds {
+		ev := unix.EpollEvent{Events: p.interest[i], Fd: int32(fd), Pad: int32(p.id)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			p.closed = true
+			for _, fd := range p.fds {
+				_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+				_ = unix.Close(fd)
+			}
+			err = fmt.Errorf("epoll_ctl add: %w", err)
+			p.done(pairStats{}, err)
+			return err
+		}
+	}
+	l.mu.Lock()
+	l.pairs[int32(p.fds[0])] = p
+	l.pairs[int32(p.fds[1])] = p
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *eventLoop) run() {
+	events := make([]unix.EpollEvent, 256)
+	lastSweep := time.Now()
+	for {
+		n, err := unix.EpollWait(l.epfd, events, 1000)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			// epoll_wait only fails on programming errors; keep serving
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		for i := range max(n, 0) {
+			ev := events[i]
+			l.mu.Lock()
+			p := l.pairs[ev.Fd]
+			l.mu.Unlock()
+			if p == nil || p.closed || uint32(ev.Pad) != p.id {
+				continue // a stale event, or a pair not fully registered yet
+			}
+			l.serve(p, ev.Fd, ev.Events)
+		}
+		if time.Since(lastSweep) >= time.Second {
+			lastSweep = time.Now()
+			l.sweep()
+		}
+	}
+}
+
+// sweep closes pairs where nothing moved for their idle timeout.
+func (l *eventLoop) sweep() {
+	now := time.Now().UnixNano()
+	var idle []*pair
+	l.mu.Lock()
+	for fd, p := range l.pairs {
+		if int(fd) == p.fds[0] && now-p.lastActive.Load() >= int64(p.idle) {
+			idle = append(idle, p)
+		}
+	}
+	l.mu.Unlock()
+	for _, p := range idle {
+		l.close(p, errIdle)
+	}
+}
+
+// pair is one relayed connection: side 0 is the client, side 1 the upstream.
+type pair struct {
+	loop       *eventLoop
+	id         uint32
+	fds        [2]int
+	pend       [2][]byte  // bytes waiting to be written to fds[i]
+	pendBuf    [2]*[]byte // the borrowed buffer behind pend[i]
+	eof        [2]bool    // reading fds[i] has returned EOF
+	interest   [2]uint32  // epoll interest registered for fds[i]
+	n          [2]int64   // bytes read from fds[i]
+	counters   [2]prometheus.Counter
+	idle       time.Duration
+	lastActive atomic.Int64
+	done       func(pairStats, error)
+	closed     bool
+}
+
+func (p *pair) touch() { p.lastActive.Store(time.Now().UnixNano()) }
+
+// serve handles the readiness of one socket of p.
+func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
+	s := 0
+	if int(fd) == p.fds[1] {
+		s = 1
+	}
+	acted := false
+	if events&unix.EPOLLOUT != 0 && p.pend[s] != nil {
+		acted = true
+		if !l.flush(p, s) {
+			return
+		}
+	}
+	if events&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) != 0 && p.interest[s]&unix.EPOLLIN != 0 {
+		acted = true
+		if !l.read(p, s) {
+			return
+		}
+	}
+	if events&unix.EPOLLERR != 0 && !p.closed {
+		l.close(p, sockError(p.fds[s]))
+		return
+	}
+	if !acted && events&unix.EPOLLHUP != 0 && !p.closed {
+		// both halves of this socket are shut and nothing is left to do on it
+		l.close(p, nil)
+	}
+}
+
+// read moves one chunk from fds[s] to the other side. It returns false when
+// the pair was closed.
+func (l *eventLoop) read(p *pair, s int) bool {
+	d := 1 - s
+	bp := relayBufs.Get().(*[]byte)
+	n, err := readFD(p.fds[s], *bp)
+	switch {
+	case err == unix.EAGAIN:
+		relayBufs.Put(bp)
+		return true
+	case err != nil:
+		relayBufs.Put(bp)
+		l.close(p, err)
+		return false
+	case n == 0: // EOF: pass the half-close on
+		relayBufs.Put(bp)
+		p.eof[s] = true
+		_ = unix.Shutdown(p.fds[d], unix.SHUT_WR)
+		if p.eof[d] {
+			l.close(p, nil)
+			return false
+		}
+		return l.updateInterest(p)
+	}
+	p.touch()
+	p.n[s] += int64(n)
+	p.counters[s].Add(float64(n))
+	w, err := writeFD(p.fds[d], (*bp)[:n])
+	if err != nil && err != unix.EAGAIN {
+		relayBufs.Put(bp)
+		l.close(p, err)
+		return false
+	}
+	if w == n {
+		relayBufs.Put(bp)
+		return true
+	}
+	// the destination is full: keep the rest, stop reading until it drains
+	p.pend[d], p.pendBuf[d] = (*bp)[max(w, 0):n], bp
+	return l.updateInterest(p)
+}
+
+// flush writes pending bytes to fds[d]. It returns false when the pair was closed.
+func (l *eventLoop) flush(p *pair, d int) bool {
+	w, err := writeFD(p.fds[d], p.pend[d])
+	if err != nil && err != unix.EAGAIN {
+		l.close(p, err)
+		return false
+	}
+	p.touch()
+	p.pend[d] = p.pend[d][max(w, 0):]
+	if len(p.pend[d]) > 0 {
+		return true
+	}
+	relayBufs.Put(p.pendBuf[d])
+	p.pend[d], p.pendBuf[d] = nil, nil
+	return l.updateInterest(p)
+}
+
+// updateInterest registers, for each socket, EPOLLIN while its bytes have
+// somewhere to go and EPOLLOUT while bytes wait to be written to it.
+func (l *eventLoop) updateInterest(p *pair) bool {
+	for i := range 2 {
+		var want uint32
+		if !p.eof[i] && p.pend[1-i] == nil {
+			want |= unix.EPOLLIN
+		}
+		if p.pend[i] != nil {
+			want |= unix.EPOLLOUT
+		}
+		if want == p.interest[i] {
+			continue
+		}
+		ev := unix.EpollEvent{Events: want, Fd: int32(p.fds[i]), Pad: int32(p.id)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, p.fds[i], &ev); err != nil {
+			l.close(p, fmt.Errorf("epoll_ctl mod: %w", err))
+			return false
+		}
+		p.interest[i] = want
+	}
+	return true
+}
+
+// close ends the pair once: it unregisters and closes both sockets, returns
+// pending buffers, and reports to done.
+func (l *eventLoop) close(p *pair, err error) {
+	if p.closed {
+		return
+	}
+	p.closed = true
+	l.mu.Lock()
+	delete(l.pairs, int32(p.fds[0]))
+	delete(l.pairs, int32(p.fds[1]))
+	l.mu.Unlock()
+	for i, fd := range p.fds {
+		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+		_ = unix.Close(fd)
+		if p.pendBuf[i] != nil {
+			relayBufs.Put(p.pendBuf[i])
+			p.pend[i], p.pendBuf[i] = nil, nil
+		}
+	}
+	if p.done != nil {
+		p.done(pairStats{toUpstream: p.n[0], toClient: p.n[1]}, err)
+	}
+}
+
+func readFD(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, b)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+func writeFD(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Write(fd, b)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// sockError returns the pending error of a socket (SO_ERROR).
+func sockError(fd int) error {
+	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err != nil {
+		return err
+	}
+	if v == 0 {
+		return errors.New("socket error")
+	}
+	return unix.Errno(v)
+}

@@ -1,0 +1,19 @@
+//go:build !linux
+
+package handlers
+
+import (
+	"net"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type pairStats struct{ toUpstream, toClient int64 }
+
+// offload is Linux-only (epoll); elsewhere the goroutine relay carries every
+// connection.
+func offload(client, upstream net.Conn, idle time.Duration, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) bool {
+	return false
+}

@@ -1,0 +1,401 @@
+package handlers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
+	"github.com/pires/go-proxyproto"
+	"go.uber.org/zap"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
+)
+
+func init() {
+	caddy.RegisterModule(&Handler{})
+}
+
+// Defaults of the wa_proxy handler.
+const (
+	DefaultDestination    = "g.whatsapp.net:5222"
+	DefaultConnectTimeout = 5 * time.Second
+	DefaultIdleTimeout    = 200 * time.Second
+)
+
+// Handler (module `layer4.handlers.wa_proxy`) carries a connection to one
+// destination through a dialer, byte for byte: the bytes the matchers looked
+// at are sent first, then both directions are relayed until they end. The
+// destination must be in the allowlist; anything else is refused without
+// being dialled, so the proxy is never an open relay.
+type Handler struct {
+	// Destination is the host:port to connect to. Placeholders are expanded
+	// per connection, e.g. `{l4.wa_tls.server_name}:443`. A host name is
+	// passed to the dialer as a name (a SOCKS5 exit resolves it).
+	// Default: `g.whatsapp.net:5222`.
+	Destination string `json:"destination,omitempty"`
+
+	// Via is the dialer that reaches the destination: a module in the
+	// `wa.dialers` namespace, named by its `dialer` key, e.g.
+	// `{"dialer": "socks5", "servers": ["127.0.0.1:9050"]}`.
+	// Default: `{"dialer": "direct"}`.
+	ViaRaw json.RawMessage `json:"via,omitempty" caddy:"namespace=wa.dialers inline_key=dialer"`
+
+	// ProxyProtocol sends a PROXY protocol header (`v1` or `v2`) with the
+	// client's address to the destination before any client byte, like the
+	// official proxy's `send-proxy`. Default: none.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+
+	// ConnectTimeout bounds connecting to the destination, including every
+	// SOCKS5 handshake. Default: `5s`.
+	ConnectTimeout caddy.Duration `json:"connect_timeout,omitempty"`
+
+	// IdleTimeout closes the connection when no byte has moved in either
+	// direction for this long. WhatsApp clients send keepalives every
+	// 20–30 s, so a live session never reaches it. Default: `200s`.
+	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
+
+	// Allow lists the destinations that may be dialled: host names
+	// (`whatsapp.net`), subdomain wildcards (`*.whatsapp.net`), IP
+	// literals and CIDR ranges, or `*` for any (an open relay). A
+	// destination outside the list is refused and never dialled.
+	// Default: `whatsapp.net *.whatsapp.net whatsapp.com *.whatsapp.com`.
+	Allow []string `json:"allow,omitempty"`
+
+	dialer    upstreams.Dialer
+	dialerID  string
+	allow     *upstreams.Allowlist
+	ppVersion byte
+	logger    *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.wa_proxy",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults, loads the dialer and registers the metrics.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Destination == "" {
+		h.Destination = DefaultDestination
+	}
+	if h.ConnectTimeout == 0 {
+		h.ConnectTimeout = caddy.Duration(DefaultConnectTimeout)
+	}
+	if h.IdleTimeout == 0 {
+		h.IdleTimeout = caddy.Duration(DefaultIdleTimeout)
+	}
+	switch strings.ToLower(h.ProxyProtocol) {
+	case "":
+	case "v1":
+		h.ppVersion = 1
+	case "v2":
+		h.ppVersion = 2
+	default:
+		return fmt.Errorf("proxy_protocol: unknown version %q (want v1 or v2)", h.ProxyProtocol)
+	}
+
+	patterns := h.Allow
+	if len(patterns) == 0 {
+		patterns = upstreams.DefaultAllow
+	}
+	allow, err := upstreams.NewAllowlist(patterns)
+	if err != nil {
+		return fmt.Errorf("allow: %w", err)
+	}
+	h.allow = allow
+	if allow.Any() {
+		h.logger.Warn("allow * makes this handler an open relay: any destination may be dialled")
+	}
+
+	if h.ViaRaw == nil {
+		h.ViaRaw = json.RawMessage(`{"dialer":"direct"}`)
+	}
+	mod, err := ctx.LoadModule(h, "ViaRaw")
+	if err != nil {
+		return fmt.Errorf("loading dialer: %w", err)
+	}
+	dialer, ok := mod.(upstreams.Dialer)
+	if !ok {
+		return fmt.Errorf("module %T is not a dialer", mod)
+	}
+	h.dialer = dialer
+	h.dialerID = string(mod.(caddy.Module).CaddyModule().ID)
+
+	return metrics.Register(ctx.GetMetricsRegistry())
+}
+
+// Validate checks the configuration. A destination without placeholders is
+// checked against the allowlist here, so a config that could never work is
+// rejected when it is loaded.
+func (h *Handler) Validate() error {
+	if h.ConnectTimeout < 0 {
+		return fmt.Errorf("connect_timeout must not be negative: %v", time.Duration(h.ConnectTimeout))
+	}
+	if h.IdleTimeout < 0 {
+		return fmt.Errorf("idle_timeout must not be negative: %v", time.Duration(h.IdleTimeout))
+	}
+	if !strings.Contains(h.Destination, "{") {
+		host, _, err := splitDestination(h.Destination)
+		if err != nil {
+			return err
+		}
+		if !h.allow.AllowsHost(host) {
+			return fmt.Errorf("destination %s is not in the allowlist (%s); add it with `allow`", h.Destination, strings.Join(h.allowPatterns(), " "))
+		}
+	}
+	return nil
+}
+
+func (h *Handler) allowPatterns() []string {
+	if len(h.Allow) > 0 {
+		return h.Allow
+	}
+	return upstreams.DefaultAllow
+}
+
+// Handle proxies cx to the destination. It is a terminal handler: next is
+// never called. Failures are logged once here and counted in
+// whatsapp_proxy_errors_total; Handle then returns nil so caddy-l4 does not
+// log them again, and the client's connection is closed.
+func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	start := time.Now()
+	protocol := metrics.Protocol(cx)
+	metrics.ConnectionsTotal.Inc()
+	metrics.ConnectionsActive.Inc()
+	metrics.ProtocolConnections.WithLabelValues(protocol).Inc()
+	offloaded := false // the event loop owns the connection and ends it
+	release := func() {
+		metrics.ConnectionsActive.Dec()
+		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
+	}
+	defer func() {
+		if !offloaded {
+			release()
+		}
+	}()
+
+	repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
+	dest := repl.ReplaceAll(h.Destination, "")
+	remote := cx.RemoteAddr().String()
+
+	host, _, err := splitDestination(dest)
+	if err != nil {
+		metrics.CountError(metrics.KindDestination)
+		h.logger.Error("bad destination", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+		return nil
+	}
+	if !h.allow.AllowsHost(host) {
+		metrics.CountError(metrics.KindNotAllowed)
+		h.logger.Warn("refuse destination outside the allowlist",
+			zap.String("remote", remote), zap.String("destination", dest), zap.String("protocol", protocol))
+		return nil
+	}
+
+	ctx, cancel := context.WithTimeout(cx.Context, time.Duration(h.ConnectTimeout))
+	up, err := h.dialer.DialContext(ctx, "tcp", dest)
+	cancel()
+	if err != nil {
+		metrics.CountError(upstreams.ErrorKind(err))
+		h.logger.Error("dial upstream",
+			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+			zap.String("kind", upstreams.ErrorKind(err)), zap.Error(err))
+		return nil
+	}
+	defer up.Close()
+
+	// The first write carries the PROXY header (if any) and the bytes the
+	// matchers have already read, in one writev.
+	var first net.Buffers
+	if h.ppVersion > 0 {
+		raw := l4proxyprotocol.GetConn(cx)
+		header := proxyproto.HeaderProxyFromAddrs(h.ppVersion, raw.RemoteAddr(), raw.LocalAddr())
+		b, err := header.Format()
+		if err != nil {
+			metrics.CountError(metrics.KindProxyProtocol)
+			h.logger.Error("build PROXY header", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+			return nil
+		}
+		first = append(first, b)
+	}
+	prefetched := cx.MatchingBytes()
+	if len(prefetched) > 0 {
+		first = append(first, prefetched)
+	}
+	if len(first) > 0 {
+		if _, err := first.WriteTo(up); err != nil {
+			metrics.CountError(metrics.KindRelay)
+			h.logger.Error("write first bytes upstream", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+			return nil
+		}
+		metrics.BytesReceived.Add(float64(len(prefetched)))
+		// consume what was just sent from the connection's buffer
+		if _, err := cx.Read(prefetched); err != nil {
+			return fmt.Errorf("draining prefetched bytes: %w", err)
+		}
+	}
+
+	// end logs and counts how the connection ended; it runs once, on the
+	// event loop's goroutine or on this one.
+	end := func(st pairStats, err error) {
+		fields := []zap.Field{
+			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+			zap.String("protocol", protocol),
+			zap.Int64("bytes_from_client", st.toUpstream+int64(len(prefetched))), zap.Int64("bytes_to_client", st.toClient),
+			zap.Duration("duration", time.Since(start)),
+		}
+		switch {
+		case err == nil || isClosedByPeer(err):
+			h.logger.Debug("connection closed", fields...)
+		case errors.Is(err, errIdle):
+			metrics.CountError(metrics.KindIdleTimeout)
+			h.logger.Debug("close idle connection", fields...)
+		default:
+			metrics.CountError(metrics.KindRelay)
+			h.logger.Warn("relay", append(fields, zap.Error(err))...)
+		}
+	}
+
+	idle := time.Duration(h.IdleTimeout)
+	if offload(cx.Conn, up, idle, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
+		end(st, err)
+		release()
+	}) {
+		offloaded = true
+		return nil
+	}
+	r := &relay{idle: idle}
+	err = r.run(cx.Conn, cx.Conn, up, metrics.BytesSent, metrics.BytesReceived)
+	end(pairStats{toUpstream: r.up.Load(), toClient: r.down.Load()}, err)
+	return nil
+}
+
+// isClosedByPeer reports errors that are a peer's normal way of leaving:
+// a reset or a broken pipe after the other side closed.
+func isClosedByPeer(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// splitDestination checks that dest is host:port with a valid port.
+func splitDestination(dest string) (host string, port int, err error) {
+	host, portStr, err := net.SplitHostPort(dest)
+	if err != nil {
+		return "", 0, fmt.Errorf("destination %q: %v", dest, err)
+	}
+	if host == "" {
+		return "", 0, fmt.Errorf("destination %q: missing host", dest)
+	}
+	port, err = strconv.Atoi(portStr)
+	if err != nil || port < 1 || port > 65535 {
+		return "", 0, fmt.Errorf("destination %q: port must be 1-65535", dest)
+	}
+	return host, port, nil
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	wa_proxy [<destination>] {
+//		via <dialer> [<args...>] [{ ... }]
+//		proxy_protocol v1|v2
+//		connect_timeout <duration>
+//		idle_timeout <duration>
+//		allow <patterns...>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume handler name
+	if d.NextArg() {
+		h.Destination = d.Val()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] && opt != "allow" {
+			return d.Errf("duplicate subdirective '%s'", opt)
+		}
+		seen[opt] = true
+		switch opt {
+		case "via":
+			if !d.NextArg() {
+				return d.Errf("via: missing dialer name (direct or socks5)")
+			}
+			name := d.Val()
+			if _, err := caddy.GetModule("wa.dialers." + name); err != nil {
+				return d.Errf("via: unknown dialer '%s' (want direct or socks5)", name)
+			}
+			unm, err := caddyfile.UnmarshalModule(d, "wa.dialers."+name)
+			if err != nil {
+				return err
+			}
+			h.ViaRaw = caddyconfig.JSONModuleObject(unm, "dialer", name, nil)
+		case "proxy_protocol":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			v := d.Val()
+			if v != "v1" && v != "v2" {
+				return d.Errf("proxy_protocol: unknown version '%s' (want v1 or v2)", v)
+			}
+			h.ProxyProtocol = v
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "connect_timeout", "idle_timeout":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(d.Val())
+			if err != nil {
+				return d.Errf("%s: bad duration '%s': %v", opt, d.Val(), err)
+			}
+			if dur <= 0 {
+				return d.Errf("%s: must be positive, got '%s'", opt, d.Val())
+			}
+			if opt == "connect_timeout" {
+				h.ConnectTimeout = caddy.Duration(dur)
+			} else {
+				h.IdleTimeout = caddy.Duration(dur)
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "allow":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			if _, err := upstreams.NewAllowlist(args); err != nil {
+				return d.Errf("allow: %v", err)
+			}
+			h.Allow = append(h.Allow, args...)
+		default:
+			return d.Errf("unrecognized subdirective '%s'", opt)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner     = (*Handler)(nil)
+	_ caddy.Validator       = (*Handler)(nil)
+	_ layer4.NextHandler    = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

@@ -1,0 +1,207 @@
+package handlers
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// relayBufSize is the size of the buffers that relays borrow while bytes are
+// in flight. An idle connection holds none: buffers come from a pool when a
+// socket is readable and go back as soon as the chunk is written.
+const relayBufSize = 32 * 1024
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// relayMode selects how established connections are relayed. Empty (the
+// default) uses the event loop for plain TCP pairs where the platform has
+// one; WAPROXY_RELAY=goroutine forces the goroutine relay everywhere, as a
+// debugging escape hatch and so the tests can exercise both.
+var relayMode = os.Getenv("WAPROXY_RELAY")
+
+// errIdle reports that nothing moved in either direction for the idle timeout.
+var errIdle = errors.New("idle timeout")
+
+// relay carries bytes both ways between a client and an upstream until both
+// directions have ended, honouring half-close: when one side finishes sending
+// (EOF), the other side's write half is shut down and the opposite direction
+// keeps flowing. A read or write error in either direction, or idle_timeout
+// without a byte in either direction, closes both connections.
+type relay struct {
+	idle       time.Duration
+	lastActive atomic.Int64 // unix nanoseconds of the last chunk moved, either way
+
+	// byte counts, readable while the relay runs
+	up, down atomic.Int64
+}
+
+// run relays between client (read from clientR, written to clientW; the
+// same raw connection unless a wrapper sits between) and upstream. On any
+// failure it closes both at once, so the other direction stops too; the
+// caller closes everything after run returns. The error is the first failure
+// (errIdle for the idle timeout), or nil when both directions ended with EOF.
+func (r *relay) run(clientR, clientW, upstream net.Conn, sent, received prometheus.Counter) error {
+	r.touch()
+	var (
+		once     sync.Once
+		firstErr error
+	)
+	fail := func(err error) {
+		once.Do(func() {
+			firstErr = err
+			_ = upstream.Close()
+			_ = clientR.Close()
+			_ = clientW.Close()
+		})
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := r.pipe(clientW, upstream, &r.down, sent); err != nil {
+			fail(err)
+		}
+	}()
+	if err := r.pipe(upstream, clientR, &r.up, received); err != nil {
+		fail(err)
+	}
+	<-done
+	once.Do(func() {}) // no failure: firstErr stays nil
+	return firstErr
+}
+
+func (r *relay) touch() { r.lastActive.Store(time.Now().UnixNano()) }
+
+// pipe copies src to dst until src ends. On EOF it shuts down dst's write half
+// and returns nil.
+func (r *relay) pipe(dst, src net.Conn, total *atomic.Int64, counter prometheus.Counter) error {
+	var err error
+	if tc, ok := src.(*net.TCPConn); ok {
+		err = r.pipeTCP(dst, tc, total, counter)
+	} else {
+		err = r.pipeGeneric(dst, src, total, counter)
+	}
+	if err == nil {
+		closeWrite(dst)
+	}
+	return err
+}
+
+// pipeTCP waits for src to be readable through Go's netpoller without holding
+// a buffer, then borrows one for a single non-blocking read and the write.
+func (r *relay) pipeTCP(dst net.Conn, src *net.TCPConn, total *atomic.Int64, counter prometheus.Counter) error {
+	raw, err := src.SyscallConn()
+	if err != nil {
+		return r.pipeGeneric(dst, src, total, counter)
+	}
+	for {
+		if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+			return err
+		}
+		var (
+			bp    *[]byte
+			n     int
+			rerr  error
+			ready bool
+		)
+		err := raw.Read(func(fd uintptr) bool {
+			bp = relayBufs.Get().(*[]byte)
+			for {
+				n, rerr = syscall.Read(int(fd), *bp)
+				if rerr != syscall.EINTR {
+					break
+				}
+			}
+			if rerr == syscall.EAGAIN {
+				relayBufs.Put(bp)
+				bp = nil
+				return false // not readable yet: wait in the netpoller, holding nothing
+			}
+			ready = true
+			return true
+		})
+		if err != nil {
+			if bp != nil {
+				relayBufs.Put(bp)
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && !ready {
+				if r.activeWithin() {
+					continue
+				}
+				return errIdle
+			}
+			return err
+		}
+		if rerr != nil {
+			relayBufs.Put(bp)
+			return rerr
+		}
+		if n <= 0 {
+			relayBufs.Put(bp)
+			return nil // EOF
+		}
+		r.touch()
+		_, werr := dst.Write((*bp)[:n])
+		relayBufs.Put(bp)
+		total.Add(int64(n))
+		counter.Add(float64(n))
+		if werr != nil {
+			return werr
+		}
+	}
+}
+
+// pipeGeneric is the copy loop for connections without a raw socket (TLS,
+// PROXY-protocol wrappers): it holds one pooled buffer while it runs.
+func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prometheus.Counter) error {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	for {
+		if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+			return err
+		}
+		n, err := src.Read(buf)
+		if n > 0 {
+			r.touch()
+			_, werr := dst.Write(buf[:n])
+			total.Add(int64(n))
+			counter.Add(float64(n))
+			if werr != nil {
+				return werr
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				if r.activeWithin() {
+					continue
+				}
+				return errIdle
+			}
+			return err
+		}
+	}
+}
+
+// activeWithin reports whether a chunk moved (either way) within the idle
+// timeout, so a one-way transfer does not time out its quiet direction.
+func (r *relay) activeWithin() bool {
+	return time.Since(time.Unix(0, r.lastActive.Load())) < r.idle
+}
+
+// closeWrite shuts down the write half of c (a FIN for TCP, close_notify for
+// TLS), so the peer sees the end of the stream while it can still send.
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
