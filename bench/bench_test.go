@@ -1,0 +1,320 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMedian(t *testing.T) {
+	nan := math.NaN()
+	for _, tc := range []struct {
+		in   []float64
+		want float64
+	}{
+		{[]float64{3}, 3},
+		{[]float64{5, 1, 3}, 3},
+		{[]float64{4, 1, 3, 2}, 2.5},
+		{[]float64{nan, 7, nan}, 7},
+		{[]float64{9, nan, 1}, 5},
+	} {
+		if got := median(tc.in); got != tc.want {
+			t.Errorf("median(%v) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+	if got := median(nil); !math.IsNaN(got) {
+		t.Errorf("median(nil) = %v, want NaN", got)
+	}
+	if got := median([]float64{nan, nan}); !math.IsNaN(got) {
+		t.Errorf("median(all NaN) = %v, want NaN", got)
+	}
+}
+
+func TestSameRoundRatios(t *testing.T) {
+	nan := math.NaN()
+	a := []float64{10, 20, nan, 30}
+	b := []float64{5, 0, 4, 10}
+	got := sameRoundRatios(a, b)
+	want := []float64{2, 3} // round 2 divides by zero, round 3 has no a
+	if len(got) != len(want) {
+		t.Fatalf("sameRoundRatios = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("sameRoundRatios = %v, want %v", got, want)
+		}
+	}
+}
+
+func TestRatioIsMedianOfSameRoundRatios(t *testing.T) {
+	ts := []*target{{name: "waproxy", kind: kindCaddy}, {name: baseline, kind: kindHAProxy}}
+	r := newResults(ts, []metric{{key: "chat", format: formatCount}}, 3, nil)
+	// Same-round ratios are 2, 2 and 1: their median is 2, while the ratio
+	// of the medians (20/19) would hide that waproxy was twice as fast in
+	// two rounds out of three.
+	for i, v := range [][2]float64{{40, 20}, {20, 10}, {19, 19}} {
+		r.set("chat", "waproxy", i, v[0])
+		r.set("chat", baseline, i, v[1])
+	}
+	if got := r.ratio("chat", "waproxy", baseline); got != 2 {
+		t.Errorf("ratio = %v, want 2", got)
+	}
+}
+
+func TestFormatRatio(t *testing.T) {
+	for _, tc := range []struct {
+		in   float64
+		want string
+	}{
+		{1, "1.00×"},
+		{0.456, "0.46×"},
+		{10.675, "10.68×"},
+		{math.NaN(), "–"},
+		{math.Inf(1), "–"},
+	} {
+		if got := formatRatio(tc.in); got != tc.want {
+			t.Errorf("formatRatio(%v) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestFormatCount(t *testing.T) {
+	for _, tc := range []struct {
+		in   float64
+		want string
+	}{
+		{0, "0"},
+		{999, "999"},
+		{1000, "1,000"},
+		{36486.4, "36,486"},
+		{1234567.5, "1,234,568"},
+		{-3418, "-3,418"},
+		{-0.2, "0"},
+		{math.NaN(), "–"},
+	} {
+		if got := formatCount(tc.in); got != tc.want {
+			t.Errorf("formatCount(%v) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+const statusSample = `Name:	haproxy
+Umask:	0022
+State:	S (sleeping)
+VmPeak:	  120044 kB
+VmSize:	  119020 kB
+VmHWM:	   21000 kB
+VmRSS:	   18432 kB
+RssAnon:	    6144 kB
+Threads:	2
+`
+
+func TestProcField(t *testing.T) {
+	got, err := procField(statusSample, "VmRSS")
+	if err != nil || got != 18432*1024 {
+		t.Errorf("VmRSS = %d, %v; want %d", got, err, 18432*1024)
+	}
+	// A key that is a prefix of another (VmRSS vs RssAnon) must not match.
+	if got, err := procField(statusSample, "Rss"); err == nil {
+		t.Errorf("Rss = %d, want an error", got)
+	}
+	if got, err := procField(statusSample, "Threads"); err != nil || got != 2 {
+		t.Errorf("Threads = %d, %v; want 2 (no unit)", got, err)
+	}
+	for _, bad := range []string{"VmRSS:\n", "VmRSS: x kB\n", "VmRSS: 12 MB\n", ""} {
+		if got, err := procField(bad, "VmRSS"); err == nil {
+			t.Errorf("procField(%q) = %d, want an error", bad, got)
+		}
+	}
+}
+
+func TestParseSmapsRollup(t *testing.T) {
+	text := `55d0c0a00000-7ffd5c9f3000 ---p 00000000 00:00 0                          [rollup]
+Rss:               20480 kB
+Pss:               16896 kB
+Pss_Anon:           6144 kB
+Shared_Clean:       4096 kB
+Private_Clean:      2048 kB
+Private_Dirty:      6144 kB
+`
+	pss, private := parseSmapsRollup(text)
+	if pss != 16896*1024 || private != (2048+6144)*1024 {
+		t.Errorf("pss, private = %d, %d; want %d, %d", pss, private, 16896*1024, (2048+6144)*1024)
+	}
+	if pss, private := parseSmapsRollup(""); pss != 0 || private != 0 {
+		t.Errorf("empty rollup = %d, %d; want 0, 0", pss, private)
+	}
+}
+
+func TestReadMemOfSelf(t *testing.T) {
+	s, err := readMem(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.RSS <= 0 {
+		t.Errorf("RSS of this test = %d, want > 0", s.RSS)
+	}
+}
+
+func TestStatCPUTicks(t *testing.T) {
+	// The command name holds a space and a ')' to show fields are counted
+	// from the last one.
+	text := "4242 (my prog) x) S 1 4242 4242 0 -1 4194304 103 0 0 0 57 13 0 0 20 0 2 0 80973 3133440 408\n"
+	got, err := statCPUTicks(text)
+	if err != nil || got != 70 {
+		t.Errorf("statCPUTicks = %d, %v; want 70", got, err)
+	}
+	if _, err := statCPUTicks("4242 (short) S 1 2"); err == nil {
+		t.Error("short stat line: want an error")
+	}
+	if _, err := readCPU(os.Getpid()); err != nil {
+		t.Errorf("readCPU(self): %v", err)
+	}
+}
+
+func TestIsStable(t *testing.T) {
+	const mb = 1 << 20
+	for _, tc := range []struct {
+		name string
+		hist []int64
+		want bool
+	}{
+		{"too few readings", []int64{10 * mb, 10 * mb}, false},
+		{"flat", []int64{50 * mb, 10 * mb, 10 * mb, 10 * mb, 10 * mb, 10 * mb}, true},
+		{"within 128 KiB", []int64{10 * mb, 10*mb + 100<<10, 10 * mb, 10*mb + 50<<10, 10 * mb}, true},
+		{"still growing", []int64{10 * mb, 11 * mb, 12 * mb, 13 * mb, 14 * mb}, false},
+		{"within 0.2% of a large RSS", []int64{1000 * mb, 1001 * mb, 1000 * mb, 1001 * mb, 1001 * mb}, true},
+	} {
+		if got := isStable(tc.hist, stableWindow); got != tc.want {
+			t.Errorf("%s: isStable = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	var ds []time.Duration
+	for i := 100; i >= 1; i-- {
+		ds = append(ds, time.Duration(i)*time.Millisecond)
+	}
+	for _, tc := range []struct {
+		p    float64
+		want time.Duration
+	}{{50, 50 * time.Millisecond}, {99, 99 * time.Millisecond}, {100, 100 * time.Millisecond}, {1, time.Millisecond}} {
+		if got := percentile(ds, tc.p); got != tc.want {
+			t.Errorf("p%v = %v, want %v", tc.p, got, tc.want)
+		}
+	}
+	if got := percentile(nil, 99); got != 0 {
+		t.Errorf("p99 of nothing = %v, want 0", got)
+	}
+}
+
+func TestHelloAndFrame(t *testing.T) {
+	b := make([]byte, helloLen)
+	putHello(b, rand.New(rand.NewPCG(1, 2)))
+	want := []byte{0x57, 0x41, 0x06, 0x03, 0x00, 0x00, 0x24, 0x12, 0x22, 0x0A, 0x20}
+	if !bytes.Equal(b[:11], want) {
+		t.Errorf("hello starts % x, want % x", b[:11], want)
+	}
+	// The frame length in the hello covers the rest of it: 3 + 4 + 32 = 43.
+	if n := int(b[4])<<16 | int(b[5])<<8 | int(b[6]); 7+n != helloLen {
+		t.Errorf("hello frame length %d does not cover the %d-byte hello", n, helloLen)
+	}
+	f := appendFrame([]byte{0xff}, bytes.Repeat([]byte{1}, 0x010203))
+	if len(f) != 1+3+0x010203 || f[1] != 1 || f[2] != 2 || f[3] != 3 {
+		t.Errorf("frame header % x, want ff 01 02 03", f[:4])
+	}
+}
+
+func TestHAProxyConfig(t *testing.T) {
+	cfg := haproxyConfig(4096, "127.0.0.1:4000", "127.0.0.1:5000")
+	for _, line := range []string{
+		"maxconn 27500", "tune.bufsize 4096", "mode tcp", "timeout connect 5s",
+		"timeout client 200s", "timeout server 200s", "timeout client-fin 1s",
+		"timeout server-fin 1s", "bind 127.0.0.1:4000", "server edge 127.0.0.1:5000",
+	} {
+		if !strings.Contains(cfg, "    "+line+"\n") {
+			t.Errorf("HAProxy config lacks %q:\n%s", line, cfg)
+		}
+	}
+	for _, absent := range []string{"send-proxy", "check", "nbproc", "master-worker"} {
+		if strings.Contains(cfg, absent) {
+			t.Errorf("HAProxy config has %q:\n%s", absent, cfg)
+		}
+	}
+}
+
+func TestCaddyConfig(t *testing.T) {
+	for _, tgt := range allTargets() {
+		if tgt.kind != kindCaddy {
+			continue
+		}
+		raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.routes("127.0.0.1:5000"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cfg struct {
+			Admin struct {
+				Listen string `json:"listen"`
+			} `json:"admin"`
+			Logging struct {
+				Logs map[string]struct {
+					Level string `json:"level"`
+				} `json:"logs"`
+			} `json:"logging"`
+			Apps struct {
+				Layer4 struct {
+					Servers map[string]struct {
+						Listen []string          `json:"listen"`
+						Routes []json.RawMessage `json:"routes"`
+					} `json:"servers"`
+				} `json:"layer4"`
+			} `json:"apps"`
+		}
+		if err := json.Unmarshal(raw, &cfg); err != nil {
+			t.Fatalf("%s: %v", tgt.name, err)
+		}
+		srv := cfg.Apps.Layer4.Servers["bench"]
+		if cfg.Admin.Listen != "127.0.0.1:2019" || cfg.Logging.Logs["default"].Level != "WARN" ||
+			len(srv.Listen) != 1 || srv.Listen[0] != "127.0.0.1:4000" || len(srv.Routes) != 1 {
+			t.Errorf("%s: unexpected config:\n%s", tgt.name, raw)
+		}
+		route := string(srv.Routes[0])
+		var want []string
+		switch tgt.name {
+		case "caddy-l4":
+			want = []string{`"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`}
+		case "waproxy":
+			want = []string{`"wa_xmpp":{}`, `"handler":"wa_proxy"`, `"destination":"127.0.0.1:5000"`, `"allow":["127.0.0.1"]`}
+		}
+		compact := &bytes.Buffer{}
+		json.Compact(compact, []byte(route))
+		for _, w := range want {
+			if !strings.Contains(compact.String(), w) {
+				t.Errorf("%s route lacks %s: %s", tgt.name, w, compact)
+			}
+		}
+	}
+}
+
+func TestParseFlagsQuick(t *testing.T) {
+	cfg, err := parseFlags([]string{"-quick", "-rounds", "2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.rounds != 2 || cfg.duration != time.Second || cfg.idleConns != 500 {
+		t.Errorf("-quick -rounds 2: rounds %d, duration %s, idle %d; want 2, 1s, 500", cfg.rounds, cfg.duration, cfg.idleConns)
+	}
+	for _, bad := range [][]string{{"-targets", "nginx"}, {"-figures", "tls"}, {"-rounds", "0"}, {"stray"}} {
+		if _, err := parseFlags(bad); err == nil {
+			t.Errorf("parseFlags(%q): want an error", bad)
+		}
+	}
+}

@@ -1,0 +1,381 @@
+//go:build linux
+
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type targetKind int
+
+const (
+	kindDirect targetKind = iota
+	kindHAProxy
+	kindCaddy
+)
+
+// target is one way for the client to reach the edge.
+type target struct {
+	name    string
+	kind    targetKind
+	bufsize int                   // HAProxy's tune.bufsize
+	routes  func(edge string) any // Caddy: the layer4 server's routes
+	modules []string              // Caddy: modules the binary must have
+	notRun  string                // why the target is not run; "" when it is
+}
+
+// baseline is the target the ratios are computed against.
+const baseline = "haproxy-official"
+
+// allTargets returns every target, in the order a round visits them.
+func allTargets() []*target {
+	return []*target{
+		{name: "direct", kind: kindDirect},
+		{name: "haproxy-official", kind: kindHAProxy, bufsize: 4096},
+		{name: "haproxy-16k", kind: kindHAProxy, bufsize: 16384},
+		{name: "caddy-l4", kind: kindCaddy, routes: caddyL4Routes,
+			modules: []string{"layer4", "layer4.handlers.proxy"}},
+		{name: "waproxy", kind: kindCaddy, routes: waproxyRoutes,
+			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"}},
+	}
+}
+
+// caddyL4Routes is stock caddy-l4: one route, its proxy handler, no matcher.
+func caddyL4Routes(edge string) any {
+	return []any{map[string]any{
+		"handle": []any{map[string]any{
+			"handler":   "proxy",
+			"upstreams": []any{map[string]any{"dial": []string{edge}}},
+		}},
+	}}
+}
+
+// waproxyRoutes is our plugin: wa_xmpp detection, then wa_proxy with the
+// default (direct) dialer.
+func waproxyRoutes(edge string) any {
+	return []any{map[string]any{
+		"match": []any{map[string]any{"wa_xmpp": map[string]any{}}},
+		"handle": []any{map[string]any{
+			"handler":     "wa_proxy",
+			"destination": edge,
+			"allow":       []string{"127.0.0.1"},
+		}},
+	}}
+}
+
+// haproxyConfig is HAProxy in TCP mode shaped like the official WhatsApp
+// proxy's proxy_config.cfg: the same global and default tunables, one
+// frontend, the edge as the only server (no send-proxy, no health check).
+// "no strict-limits" lets HAProxy start when the descriptor limit is below
+// the 2×maxconn it asks for (it then warns and runs with the limit it has).
+func haproxyConfig(bufsize int, listen, edge string) string {
+	return fmt.Sprintf(`global
+    maxconn 27500
+    tune.bufsize %d
+    no strict-limits
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 200s
+    timeout server 200s
+    timeout client-fin 1s
+    timeout server-fin 1s
+
+frontend bench
+    bind %s
+    maxconn 27495
+    default_backend edge
+
+backend edge
+    server edge %s
+`, bufsize, listen, edge)
+}
+
+// caddyConfig is a whole Caddy JSON config: admin on a loopback port with no
+// persistence, logs at WARN, storage inside dir, one layer4 server.
+func caddyConfig(admin, listen, dir string, routes any) ([]byte, error) {
+	return json.MarshalIndent(map[string]any{
+		"admin":   map[string]any{"listen": admin, "config": map[string]any{"persist": false}},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
+		"storage": map[string]any{"module": "file_system", "root": filepath.Join(dir, "storage")},
+		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
+			"bench": map[string]any{"listen": []string{listen}, "routes": routes},
+		}}},
+	}, "", "\t")
+}
+
+// binaries are the programs the targets run.
+type binaries struct {
+	caddy, haproxy string
+	caddyModules   map[string]bool // from caddy list-modules
+}
+
+// resolveTargets checks the binaries and modules each target needs and sets
+// notRun on those that cannot run.
+func resolveTargets(ctx context.Context, ts []*target, bin *binaries) {
+	var haproxyErr, caddyErr error
+	if _, err := os.Stat(bin.haproxy); err != nil {
+		haproxyErr = fmt.Errorf("%s not found (apt-get install haproxy)", bin.haproxy)
+	}
+	if _, err := os.Stat(bin.caddy); err != nil {
+		caddyErr = fmt.Errorf("%s not found (build it: just build, or go tool xcaddy build ... --output %s)", bin.caddy, bin.caddy)
+	} else {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		out, err := exec.CommandContext(cctx, bin.caddy, "list-modules").Output()
+		cancel()
+		if err != nil {
+			caddyErr = fmt.Errorf("%s list-modules: %w", bin.caddy, err)
+		} else {
+			bin.caddyModules = map[string]bool{}
+			sc := bufio.NewScanner(bytes.NewReader(out))
+			for sc.Scan() {
+				bin.caddyModules[strings.TrimSpace(sc.Text())] = true
+			}
+		}
+	}
+	for _, t := range ts {
+		switch t.kind {
+		case kindHAProxy:
+			if haproxyErr != nil {
+				t.notRun = haproxyErr.Error()
+			}
+		case kindCaddy:
+			if caddyErr != nil {
+				t.notRun = caddyErr.Error()
+				continue
+			}
+			var missing []string
+			for _, m := range t.modules {
+				if !bin.caddyModules[m] {
+					missing = append(missing, m)
+				}
+			}
+			if len(missing) > 0 {
+				t.notRun = fmt.Sprintf("%s lacks module(s) %s", bin.caddy, strings.Join(missing, ", "))
+			}
+		}
+	}
+}
+
+// proc is a started target: where clients connect and, for a proxy, its
+// process.
+type proc struct {
+	addr   string
+	pid    int // 0 for direct
+	cmd    *exec.Cmd
+	log    string
+	exited chan struct{}
+}
+
+// start runs a fresh instance of t in front of edge and waits until a hello
+// goes through it and comes back.
+func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, e *edge) (*proc, error) {
+	edge := e.addr()
+	if t.kind == kindDirect {
+		return &proc{addr: edge}, nil
+	}
+	listen, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	base := filepath.Join(dir, fmt.Sprintf("%s-%d", t.name, seq))
+	var cmd *exec.Cmd
+	switch t.kind {
+	case kindHAProxy:
+		cfg := base + ".cfg"
+		if err := os.WriteFile(cfg, []byte(haproxyConfig(t.bufsize, listen, edge)), 0o600); err != nil {
+			return nil, err
+		}
+		// -db: foreground, one process, no master-worker, so the pid we
+		// start is the one that holds the connections.
+		cmd = exec.Command(bin.haproxy, "-db", "-f", cfg)
+	case kindCaddy:
+		admin, err := freeAddr()
+		if err != nil {
+			return nil, err
+		}
+		cfg, err := caddyConfig(admin, listen, dir, t.routes(edge))
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(base+".json", cfg, 0o600); err != nil {
+			return nil, err
+		}
+		cmd = exec.Command(bin.caddy, "run", "--config", base+".json")
+		cmd.Env = append(os.Environ(),
+			"HOME="+dir,
+			"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
+			"XDG_DATA_HOME="+filepath.Join(dir, "data"))
+	}
+	logf, err := os.Create(base + ".log")
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child keeps its own descriptor
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// The child dies with the bench, even when the bench is killed.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", t.name, err)
+	}
+	p := &proc{addr: listen, pid: cmd.Process.Pid, cmd: cmd, log: base + ".log", exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.exited) }()
+	if err := p.waitReady(ctx, e, 20*time.Second); err != nil {
+		p.stop()
+		return nil, fmt.Errorf("%s did not come up: %w%s", t.name, err, p.logTail(5))
+	}
+	return p, nil
+}
+
+// waitReady waits until an exchange with e through p succeeds, p exits, or
+// limit passes.
+func (p *proc) waitReady(ctx context.Context, e *edge, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	var last error
+	for {
+		select {
+		case <-p.exited:
+			return fmt.Errorf("process exited: %v", p.cmd.ProcessState)
+		default:
+		}
+		if last = e.probe(ctx, p.addr); last == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no echo after %s: %w", limit, last)
+		}
+		sleepCtx(ctx, 50*time.Millisecond)
+	}
+}
+
+// alive reports whether the process is still running.
+func (p *proc) alive() bool {
+	if p.pid == 0 {
+		return true
+	}
+	select {
+	case <-p.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// fds returns how many descriptors the process has open (0 for direct).
+func (p *proc) fds() (int, error) {
+	if p.pid == 0 {
+		return 0, nil
+	}
+	return countFDs(p.pid)
+}
+
+// stop ends the process: SIGTERM, then SIGKILL after 10 s.
+func (p *proc) stop() {
+	if p.pid == 0 {
+		return
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+		return
+	case <-time.After(10 * time.Second):
+	}
+	p.cmd.Process.Kill()
+	<-p.exited
+}
+
+// logTail returns the last n lines of the process's output, indented, for an
+// error message.
+func (p *proc) logTail(n int) string {
+	b, err := os.ReadFile(p.log)
+	if err != nil || len(bytes.TrimSpace(b)) == 0 {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "\n    " + strings.Join(lines, "\n    ")
+}
+
+// freeAddr returns a loopback address whose port was free a moment ago. It
+// prefers a port below the kernel's ephemeral range: a port in that range
+// can be taken in between by an outgoing connection, or be blocked for a
+// minute by one in TIME_WAIT, and the chat runs make tens of thousands.
+func freeAddr() (string, error) {
+	if lo := ephemeralLow(); lo > 11000 {
+		for range 100 {
+			port := 10000 + rand.IntN(lo-10000)
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+			if err == nil {
+				ln.Close()
+				return ln.Addr().String(), nil
+			}
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// ephemeralLow returns the start of the kernel's ephemeral port range, or 0
+// when it cannot be read.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0
+	}
+	lo, err := strconv.Atoi(f[0])
+	if err != nil || lo > 65535 {
+		return 0
+	}
+	return lo
+}
+
+// addrInUse reports whether a start failed because its port was taken in
+// between (Caddy: "address already in use"; HAProxy: "Address already in use").
+func addrInUse(err error) bool {
+	return err != nil && strings.Contains(strings.ToLower(err.Error()), "address already in use")
+}
+
+// firstLine runs name with args and returns the first line of its output.
+func firstLine(ctx context.Context, name string, args ...string) string {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(cctx, name, args...).CombinedOutput()
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	if err != nil && line == "" {
+		var ee *exec.Error
+		if errors.As(err, &ee) {
+			return "not available"
+		}
+		return err.Error()
+	}
+	return line
+}
