@@ -1,0 +1,48 @@
+# caddy-waproxy tasks. Install just with `npm install -g rust-just` (or
+# `cargo install just`); every recipe is plain Go underneath.
+# Versions come from xcaddy.json (read by ./internal/buildrecipe), never from here.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Build ./caddy with xcaddy per xcaddy.json (Caddy + caddy-l4 + this module).
+build:
+    go tool xcaddy $(go run ./internal/buildrecipe)
+
+# Build, then run the proxy on examples/Caddyfile (port 5222, admin on localhost:2019).
+run: build
+    "$(go run ./internal/buildrecipe -output)" run --config examples/Caddyfile
+
+# Run the tests (real sockets, Caddy in-process).
+test:
+    go test ./...
+
+# gofmt, go vet and staticcheck.
+lint:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    unformatted=$(gofmt -l .)
+    if [[ -n $unformatted ]]; then echo "gofmt -l: not formatted:"; echo "$unformatted"; exit 1; fi
+    go vet ./...
+    go run honnef.co/go/tools/cmd/staticcheck@v0.8.1 ./...
+
+# Build, then benchmark our proxy against HAProxy and a direct connection.
+bench: build
+    go run ./bench -caddy "$(go run ./internal/buildrecipe -output)"
+
+# Fuzz every FuzzXxx target for a short while each (e.g. `just fuzz 1m`).
+fuzz time="10s":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    found=0
+    while read -r file; do
+        for target in $(grep -oE '^func Fuzz[A-Za-z0-9_]*' "$file" | cut -d' ' -f2); do
+            found=1
+            echo "== ./$(dirname "$file") $target ({{time}})"
+            go test -run '^$' -fuzz "^${target}\$" -fuzztime "{{time}}" "./$(dirname "$file")"
+        done
+    done < <(grep -rlE --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*\(' . | sed 's|^\./||' | sort)
+    if [[ $found == 0 ]]; then echo "no Fuzz targets found"; exit 1; fi
