@@ -222,6 +222,12 @@ type bench struct {
 }
 
 func newBench(ctx context.Context, cfg *config) (*bench, error) {
+	// the proxies run in a temporary directory: make relative paths absolute
+	for _, p := range []*string{&cfg.caddy, &cfg.haproxy} {
+		if abs, err := filepath.Abs(*p); err == nil {
+			*p = abs
+		}
+	}
 	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, haproxy: cfg.haproxy}}
 	b.info.started = time.Now()
 	b.deadline = b.info.started.Add(cfg.maxTime)
