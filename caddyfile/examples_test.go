@@ -24,6 +24,12 @@ var updateExamples = flag.Bool("update-examples", false, "rewrite the JSON twins
 //
 // After changing an example: go test ./caddyfile -run TestExamples -update-examples
 func TestExamples(t *testing.T) {
+	// Validating a config with TLS termination creates Caddy's local CA in
+	// the default storage: keep it in this test's temporary directory, not in
+	// the user's data directory.
+	saved := caddy.DefaultStorage.Path
+	caddy.DefaultStorage.Path = t.TempDir()
+	t.Cleanup(func() { caddy.DefaultStorage.Path = saved })
 	files, err := filepath.Glob("../examples/*Caddyfile")
 	if err != nil {
 		t.Fatal(err)

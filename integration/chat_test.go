@@ -251,6 +251,7 @@ func TestIdleTimeout(t *testing.T) {
 // counts in errors_total{kind}.
 func TestFailures(t *testing.T) {
 	edge := testutil.StartEcho(t)
+	_, edgePort, _ := net.SplitHostPort(edge.Addr)
 	closedPort := strconv.Itoa(testutil.FreePort(t)) // nothing listens there
 	down := testutil.FreeAddr(t)                     // no SOCKS5 server there
 	socks := testutil.FreeAddr(t)
@@ -265,6 +266,9 @@ func TestFailures(t *testing.T) {
 		{"destination refused", "socks5_refused", obj{"destination": "127.0.0.1:" + closedPort, "via": socksVia(socks, "user", "secret"), "allow": local}},
 		{"destination not allowed", "not_allowed", obj{"destination": "{l4.conn.local_addr}", "via": socksVia(socks, "user", "secret")}},
 		{"direct: destination refused", "dial", obj{"destination": "127.0.0.1:" + closedPort, "allow": local}},
+		// an allowed name that resolves to an internal address is refused
+		// unless that address is allowed too (the edge is listening there)
+		{"direct: allowed name resolving to loopback", "not_allowed", obj{"destination": "localhost:" + edgePort, "allow": []string{"localhost"}}},
 	}
 	// one listener per case
 	listens := make([]string, len(cases))
@@ -295,6 +299,19 @@ func TestFailures(t *testing.T) {
 			waitMetric(t, c, series, before+1)
 		})
 	}
+}
+
+// TestDirectNameAllowedWithItsAddress: the same name works once its loopback
+// address is allowed explicitly.
+func TestDirectNameAllowedWithItsAddress(t *testing.T) {
+	edge := testutil.StartEcho(t)
+	_, edgePort, _ := net.SplitHostPort(edge.Addr)
+	listen := testutil.FreeAddr(t)
+	testutil.StartCaddy(t, proxyConfig(listen, []obj{
+		chatRoute(obj{"destination": "localhost:" + edgePort, "allow": []string{"localhost", "127.0.0.0/8", "::1"}}),
+	}, "", nil))
+	conn := dial(t, listen)
+	exchange(t, conn, waHello())
 }
 
 // TestReloadKeepsMetrics: collectors are registered in every config's

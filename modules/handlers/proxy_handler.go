@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
@@ -73,6 +72,12 @@ type Handler struct {
 	// Default: `whatsapp.net *.whatsapp.net whatsapp.com *.whatsapp.com`.
 	Allow []string `json:"allow,omitempty"`
 
+	// TLS wraps the connection to the destination in TLS (the client's
+	// bytes are encrypted on the way out), verifying the destination's
+	// certificate unless told otherwise. See UpstreamTLS. Default: none,
+	// the bytes leave as they came.
+	TLS *UpstreamTLS `json:"tls,omitempty"`
+
 	dialer    upstreams.Dialer
 	dialerID  string
 	allow     *upstreams.Allowlist
@@ -110,32 +115,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("proxy_protocol: unknown version %q (want v1 or v2)", h.ProxyProtocol)
 	}
 
-	patterns := h.Allow
-	if len(patterns) == 0 {
-		patterns = upstreams.DefaultAllow
-	}
-	allow, err := upstreams.NewAllowlist(patterns)
+	allow, err := loadAllowlist(h.Allow, h.logger)
 	if err != nil {
-		return fmt.Errorf("allow: %w", err)
+		return err
 	}
 	h.allow = allow
-	if allow.Any() {
-		h.logger.Warn("allow * makes this handler an open relay: any destination may be dialled")
+	h.dialer, h.dialerID, err = loadDialer(ctx, h, &h.ViaRaw)
+	if err != nil {
+		return err
 	}
 
-	if h.ViaRaw == nil {
-		h.ViaRaw = json.RawMessage(`{"dialer":"direct"}`)
+	if h.TLS != nil {
+		if err := h.TLS.provision(); err != nil {
+			return err
+		}
 	}
-	mod, err := ctx.LoadModule(h, "ViaRaw")
-	if err != nil {
-		return fmt.Errorf("loading dialer: %w", err)
-	}
-	dialer, ok := mod.(upstreams.Dialer)
-	if !ok {
-		return fmt.Errorf("module %T is not a dialer", mod)
-	}
-	h.dialer = dialer
-	h.dialerID = string(mod.(caddy.Module).CaddyModule().ID)
 
 	return metrics.Register(ctx.GetMetricsRegistry())
 }
@@ -149,6 +143,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.IdleTimeout < 0 {
 		return fmt.Errorf("idle_timeout must not be negative: %v", time.Duration(h.IdleTimeout))
+	}
+	if h.TLS != nil {
+		if err := h.TLS.validate(); err != nil {
+			return err
+		}
 	}
 	if !strings.Contains(h.Destination, "{") {
 		host, _, err := splitDestination(h.Destination)
@@ -207,9 +206,11 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 
-	ctx, cancel := context.WithTimeout(cx.Context, time.Duration(h.ConnectTimeout))
+	// The allowlist travels in the context, so the direct dialer refuses a
+	// name that resolves to an internal address (loopback, private, ...).
+	ctx, cancel := context.WithTimeout(upstreams.WithAllowlist(cx.Context, h.allow), time.Duration(h.ConnectTimeout))
+	defer cancel() // connect_timeout covers the dial and the upstream TLS handshake
 	up, err := h.dialer.DialContext(ctx, "tcp", dest)
-	cancel()
 	if err != nil {
 		metrics.CountError(upstreams.ErrorKind(err))
 		h.logger.Error("dial upstream",
@@ -233,6 +234,27 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 		first = append(first, b)
 	}
+	if h.TLS != nil {
+		// The PROXY header goes in clear, before the handshake.
+		if len(first) > 0 {
+			if _, err := first.WriteTo(up); err != nil {
+				metrics.CountError(metrics.KindRelay)
+				h.logger.Error("write PROXY header upstream", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+				return nil
+			}
+			first = nil
+		}
+		tc, err := h.TLS.client(ctx, up, repl.ReplaceAll(h.TLS.ServerName, ""), host)
+		if err != nil {
+			metrics.CountError(upstreams.ErrorKind(err))
+			h.logger.Error("tls handshake with upstream",
+				zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+				zap.String("kind", upstreams.ErrorKind(err)), zap.Error(err))
+			return nil
+		}
+		up = tc // the relay below uses the goroutine copy loop for it
+	}
+	cancel()
 	prefetched := cx.MatchingBytes()
 	if len(prefetched) > 0 {
 		first = append(first, prefetched)
@@ -259,29 +281,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			zap.Int64("bytes_from_client", st.toUpstream+int64(len(prefetched))), zap.Int64("bytes_to_client", st.toClient),
 			zap.Duration("duration", time.Since(start)),
 		}
-		switch {
-		case err == nil || isClosedByPeer(err):
-			h.logger.Debug("connection closed", fields...)
-		case errors.Is(err, errIdle):
-			metrics.CountError(metrics.KindIdleTimeout)
-			h.logger.Debug("close idle connection", fields...)
-		default:
-			metrics.CountError(metrics.KindRelay)
-			h.logger.Warn("relay", append(fields, zap.Error(err))...)
-		}
+		logEnd(h.logger, "connection", fields, err)
 	}
 
-	idle := time.Duration(h.IdleTimeout)
-	if offload(cx.Conn, up, idle, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
-		end(st, err)
-		release()
-	}) {
+	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), end, release) {
 		offloaded = true
-		return nil
 	}
-	r := &relay{idle: idle}
-	err = r.run(cx.Conn, cx.Conn, up, metrics.BytesSent, metrics.BytesReceived)
-	end(pairStats{toUpstream: r.up.Load(), toClient: r.down.Load()}, err)
 	return nil
 }
 
@@ -315,6 +320,11 @@ func splitDestination(dest string) (host string, port int, err error) {
 //		connect_timeout <duration>
 //		idle_timeout <duration>
 //		allow <patterns...>
+//		tls [{
+//			server_name <name>
+//			insecure_skip_verify
+//			ca <file>
+//		}]
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume handler name
@@ -333,18 +343,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[opt] = true
 		switch opt {
 		case "via":
-			if !d.NextArg() {
-				return d.Errf("via: missing dialer name (direct or socks5)")
-			}
-			name := d.Val()
-			if _, err := caddy.GetModule("wa.dialers." + name); err != nil {
-				return d.Errf("via: unknown dialer '%s' (want direct or socks5)", name)
-			}
-			unm, err := caddyfile.UnmarshalModule(d, "wa.dialers."+name)
+			via, err := unmarshalVia(d)
 			if err != nil {
 				return err
 			}
-			h.ViaRaw = caddyconfig.JSONModuleObject(unm, "dialer", name, nil)
+			h.ViaRaw = via
 		case "proxy_protocol":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -358,23 +361,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 		case "connect_timeout", "idle_timeout":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(d.Val())
+			dur, err := unmarshalTimeout(d, opt)
 			if err != nil {
-				return d.Errf("%s: bad duration '%s': %v", opt, d.Val(), err)
-			}
-			if dur <= 0 {
-				return d.Errf("%s: must be positive, got '%s'", opt, d.Val())
+				return err
 			}
 			if opt == "connect_timeout" {
-				h.ConnectTimeout = caddy.Duration(dur)
+				h.ConnectTimeout = dur
 			} else {
-				h.IdleTimeout = caddy.Duration(dur)
-			}
-			if d.NextArg() {
-				return d.ArgErr()
+				h.IdleTimeout = dur
 			}
 		case "allow":
 			args := d.RemainingArgs()
@@ -385,6 +379,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("allow: %v", err)
 			}
 			h.Allow = append(h.Allow, args...)
+		case "tls":
+			h.TLS = new(UpstreamTLS)
+			if err := h.TLS.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", opt)
 		}

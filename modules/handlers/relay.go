@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
 
 // relayBufSize is the size of the buffers that relays borrow while bytes are
@@ -19,6 +20,13 @@ import (
 const relayBufSize = 32 * 1024
 
 var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// genericBufSize is the buffer the blocking copy loop holds per direction
+// for the whole life of a wrapped connection. A TLS read returns at most one
+// record (16 KiB of plaintext), so a larger buffer would only sit idle.
+const genericBufSize = 16 * 1024
+
+var genericBufs = sync.Pool{New: func() any { b := make([]byte, genericBufSize); return &b }}
 
 // relayMode selects how established connections are relayed. Empty (the
 // default) uses the event loop for plain TCP pairs where the platform has
@@ -160,8 +168,8 @@ func (r *relay) pipeTCP(dst net.Conn, src *net.TCPConn, total *atomic.Int64, cou
 // pipeGeneric is the copy loop for connections without a raw socket (TLS,
 // PROXY-protocol wrappers): it holds one pooled buffer while it runs.
 func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prometheus.Counter) error {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
+	bp := genericBufs.Get().(*[]byte)
+	defer genericBufs.Put(bp)
 	buf := *bp
 	for {
 		if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
@@ -204,4 +212,23 @@ func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 	}
+}
+
+// carry relays client and up until both directions end: on the event loop
+// when it can take them (carry then returns true at once, and done and
+// release run on the loop when the pair ends), else on this goroutine (done
+// runs before carry returns false; release is left to the caller). up is
+// closed either way.
+func carry(client, up net.Conn, idle time.Duration, done func(pairStats, error), release func()) (offloaded bool) {
+	if offload(client, up, idle, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
+		done(st, err)
+		release()
+	}) {
+		return true
+	}
+	defer up.Close()
+	r := &relay{idle: idle}
+	err := r.run(client, client, up, metrics.BytesSent, metrics.BytesReceived)
+	done(pairStats{toUpstream: r.up.Load(), toClient: r.down.Load()}, err)
+	return false
 }

@@ -37,12 +37,26 @@ const (
 	KindRelay = "relay"
 	// KindDestination: the destination address (after placeholders) is not a valid host:port.
 	KindDestination = "destination"
+	// KindHTTPRequest: a client sent a malformed HTTP request, or one the
+	// proxy does not forward (answered 400, 408 or 431).
+	KindHTTPRequest = "http_request"
+	// KindProxyAuth: an HTTP proxy request came without the proxy credentials, or with wrong ones (answered 407).
+	KindProxyAuth = "proxy_auth"
+	// KindUpstream: the destination's HTTP response was missing, malformed or broke off (answered 502 when possible).
+	KindUpstream = "upstream"
+	// KindResponseTimeout: the destination sent no HTTP response headers within response_timeout (answered 504).
+	KindResponseTimeout = "response_timeout"
+	// KindUpstreamTLS: the TLS handshake with the destination (wa_proxy's
+	// `tls` option) failed, e.g. its certificate did not verify.
+	KindUpstreamTLS = "upstream_tls"
 )
 
 // ErrorKinds lists every value of the kind label, so each series exists from the start.
 var ErrorKinds = []string{
 	KindNotAllowed, KindDial, KindTimeout, KindSOCKS5Auth, KindSOCKS5Refused,
 	KindSOCKS5Protocol, KindProxyProtocol, KindIdleTimeout, KindRelay, KindDestination,
+	KindHTTPRequest, KindProxyAuth, KindUpstream, KindResponseTimeout,
+	KindUpstreamTLS,
 }
 
 // Protocols: the values of the `protocol` label of whatsapp_proxy_protocol_connections.
@@ -82,7 +96,7 @@ var (
 	// Errors counts failures by kind (see the Kind constants).
 	Errors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "errors_total",
-		Help: "Failures by kind: not_allowed, dial, timeout, socks5_auth, socks5_refused, socks5_protocol, proxy_protocol, idle_timeout, relay, destination.",
+		Help: "Failures by kind: not_allowed, dial, timeout, socks5_auth, socks5_refused, socks5_protocol, proxy_protocol, idle_timeout, relay, destination, http_request, proxy_auth, upstream, response_timeout, upstream_tls.",
 	}, []string{"kind"})
 	// ProtocolConnections is the number of connections being proxied now, by detected protocol.
 	ProtocolConnections = prometheus.NewGaugeVec(prometheus.GaugeOpts{

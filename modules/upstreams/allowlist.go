@@ -1,6 +1,7 @@
 package upstreams
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -17,10 +18,17 @@ var DefaultAllow = []string{"whatsapp.net", "*.whatsapp.net", "whatsapp.com", "*
 //   - `*.example.com` matches every subdomain of example.com, at any depth, but not example.com;
 //   - `192.0.2.7`, `2001:db8::1` match that IP literal;
 //   - `192.0.2.0/24`, `2001:db8::/32` match IP literals in that range;
-//   - `*` matches everything (an open relay: only for closed, trusted setups).
+//   - `*` matches every name and every public IP (an open relay: only for
+//     closed, trusted setups).
 //
 // Names and IPs are separate worlds: a name pattern never matches an IP
 // literal destination, and an IP pattern never matches a name.
+//
+// Internal addresses (loopback, link-local including the cloud metadata
+// address 169.254.169.254, private, shared (CGNAT) and unspecified; see
+// InternalRange) are reached only through an IP or CIDR pattern that
+// contains them: `*` does not reach them, and neither does a name pattern
+// whose name resolves to one (see AllowsResolved).
 type Allowlist struct {
 	exact    map[string]struct{}
 	suffixes []string // ".example.com"
@@ -70,11 +78,11 @@ func (a *Allowlist) AllowsHost(host string) bool {
 	if a == nil {
 		return false
 	}
-	if a.any {
-		return true
-	}
 	if addr, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
 		return a.AllowsIP(addr)
+	}
+	if a.any {
+		return true
 	}
 	name := normalizeName(host)
 	if _, ok := a.exact[name]; ok {
@@ -88,14 +96,36 @@ func (a *Allowlist) AllowsHost(host string) bool {
 	return false
 }
 
-// AllowsIP reports whether an IP pattern (or `*`) permits addr.
+// AllowsIP reports whether addr, an IP literal destination, may be dialled:
+// an IP or CIDR pattern contains it, or `*` is in the list and addr is not
+// internal (InternalRange).
 func (a *Allowlist) AllowsIP(addr netip.Addr) bool {
 	if a == nil {
 		return false
 	}
-	if a.any {
+	if a.explicitlyAllows(addr) {
 		return true
 	}
+	_, internal := InternalRange(addr)
+	return a.any && !internal
+}
+
+// AllowsResolved reports whether addr, an address that an allowed host name
+// resolved to, may be dialled: it is not internal (InternalRange), or an IP
+// or CIDR pattern contains it. So `allow localhost` alone cannot reach
+// 127.0.0.1; `allow localhost 127.0.0.1` can.
+func (a *Allowlist) AllowsResolved(addr netip.Addr) bool {
+	if a == nil {
+		return false
+	}
+	if _, internal := InternalRange(addr); !internal {
+		return true
+	}
+	return a.explicitlyAllows(addr)
+}
+
+// explicitlyAllows reports whether an IP or CIDR pattern contains addr.
+func (a *Allowlist) explicitlyAllows(addr netip.Addr) bool {
 	addr = addr.Unmap().WithZone("")
 	for _, p := range a.prefixes {
 		if p.Contains(addr) {
@@ -103,6 +133,61 @@ func (a *Allowlist) AllowsIP(addr netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// internalRanges are the ranges InternalRange reports, besides those netip
+// classifies itself (loopback, link-local, private, unspecified).
+var internalRanges = []struct {
+	prefix netip.Prefix
+	name   string
+}{
+	{netip.MustParsePrefix("0.0.0.0/8"), "unspecified"}, // "this network"; Linux connects 0.0.0.0 to the host itself
+	{netip.MustParsePrefix("100.64.0.0/10"), "shared"},  // RFC 6598 carrier-grade NAT; Alibaba Cloud's metadata service
+	{netip.MustParsePrefix("fec0::/10"), "private"},     // deprecated IPv6 site-local
+}
+
+// InternalRange reports whether addr belongs to a range that reaches the
+// proxy host itself or the network it sits in rather than the internet, and
+// names the range: "loopback", "link-local" (including the cloud metadata
+// address 169.254.169.254), "private", "shared" (carrier-grade NAT) or
+// "unspecified". IPv4-mapped IPv6 addresses are judged by their IPv4 address.
+func InternalRange(addr netip.Addr) (name string, internal bool) {
+	addr = addr.Unmap().WithZone("")
+	switch {
+	case !addr.IsValid():
+		return "", false
+	case addr.IsLoopback():
+		return "loopback", true
+	case addr.IsLinkLocalUnicast():
+		return "link-local", true
+	case addr.IsPrivate():
+		return "private", true
+	case addr.IsUnspecified():
+		return "unspecified", true
+	}
+	for _, r := range internalRanges {
+		if r.prefix.Contains(addr) {
+			return r.name, true
+		}
+	}
+	return "", false
+}
+
+// allowlistKey is the context key of WithAllowlist.
+type allowlistKey struct{}
+
+// WithAllowlist returns a context that carries a, for the dialers that
+// resolve names themselves (direct): they refuse to connect to an address
+// that a.AllowsResolved refuses. Handlers pass their allowlist this way so
+// that an allowed name resolving to an internal address is not dialled.
+func WithAllowlist(ctx context.Context, a *Allowlist) context.Context {
+	return context.WithValue(ctx, allowlistKey{}, a)
+}
+
+// allowlistFrom returns the allowlist WithAllowlist put in ctx, or nil.
+func allowlistFrom(ctx context.Context) *Allowlist {
+	a, _ := ctx.Value(allowlistKey{}).(*Allowlist)
+	return a
 }
 
 // Any reports whether the list allows every destination.

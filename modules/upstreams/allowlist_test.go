@@ -47,8 +47,13 @@ func TestAllowlist(t *testing.T) {
 		}
 	}
 	star, _ := NewAllowlist([]string{"*"})
-	if !star.Any() || !star.AllowsHost("anything.example") || !star.AllowsIP(netip.MustParseAddr("10.0.0.1")) {
-		t.Error("* must allow everything")
+	if !star.Any() || !star.AllowsHost("anything.example") || !star.AllowsIP(netip.MustParseAddr("192.0.2.1")) {
+		t.Error("* must allow every name and every public IP")
+	}
+	for _, internal := range []string{"10.0.0.1", "127.0.0.1", "169.254.169.254", "::1", "0.0.0.0", "[::ffff:127.0.0.1]"} {
+		if star.AllowsHost(internal) {
+			t.Errorf("* allows the internal address %s; only an IP or CIDR pattern may", internal)
+		}
 	}
 	var nilList *Allowlist
 	if nilList.AllowsHost("g.whatsapp.net") {
@@ -61,5 +66,81 @@ func TestAllowlistErrors(t *testing.T) {
 		if _, err := NewAllowlist([]string{bad}); err == nil {
 			t.Errorf("NewAllowlist(%q) succeeded, want an error", bad)
 		}
+	}
+}
+
+func TestInternalRange(t *testing.T) {
+	for _, tc := range []struct{ addr, want string }{
+		{"127.0.0.1", "loopback"},
+		{"127.255.0.9", "loopback"},
+		{"::1", "loopback"},
+		{"::ffff:127.0.0.1", "loopback"},
+		{"169.254.169.254", "link-local"}, // cloud metadata
+		{"fe80::1", "link-local"},
+		{"fe80::1%eth0", "link-local"},
+		{"10.1.2.3", "private"},
+		{"172.16.0.1", "private"},
+		{"172.31.255.255", "private"},
+		{"192.168.1.1", "private"},
+		{"fd00::1", "private"},
+		{"fec0::1", "private"},
+		{"100.100.100.200", "shared"}, // Alibaba Cloud metadata
+		{"0.0.0.0", "unspecified"},
+		{"0.1.2.3", "unspecified"},
+		{"::", "unspecified"},
+		{"172.32.0.1", ""},
+		{"192.0.2.1", ""},
+		{"8.8.8.8", ""},
+		{"2001:db8::1", ""},
+		{"157.240.0.53", ""},
+	} {
+		name, internal := InternalRange(netip.MustParseAddr(tc.addr))
+		if name != tc.want || internal != (tc.want != "") {
+			t.Errorf("InternalRange(%s) = %q, %v; want %q", tc.addr, name, internal, tc.want)
+		}
+	}
+}
+
+// TestAllowsInternal pins the rule for internal addresses: an IP literal or
+// a resolved address in an internal range is allowed only by an IP or CIDR
+// pattern that contains it.
+func TestAllowsInternal(t *testing.T) {
+	list := func(p ...string) *Allowlist {
+		a, err := NewAllowlist(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	ip := netip.MustParseAddr
+	for _, tc := range []struct {
+		name           string
+		list           *Allowlist
+		addr           string
+		literal, named bool // AllowsIP (an IP literal destination), AllowsResolved (what an allowed name resolved to)
+	}{
+		{"name only, loopback", list("localhost"), "127.0.0.1", false, false},
+		{"name only, public", list("example.com"), "192.0.2.7", false, true},
+		{"name and its IP", list("localhost", "127.0.0.1"), "127.0.0.1", true, true},
+		{"CIDR", list("example.com", "10.0.0.0/8"), "10.9.8.7", true, true},
+		{"CIDR elsewhere", list("example.com", "10.0.0.0/8"), "192.168.0.1", false, false},
+		{"star, metadata", list("*"), "169.254.169.254", false, false},
+		{"star, loopback v6", list("*"), "::1", false, false},
+		{"star, public", list("*"), "192.0.2.7", true, true},
+		{"star and loopback", list("*", "127.0.0.0/8"), "127.0.0.2", true, true},
+		{"mapped", list("127.0.0.1"), "::ffff:127.0.0.1", true, true},
+		{"default, metadata", list(DefaultAllow...), "169.254.169.254", false, false},
+		{"default, public", list(DefaultAllow...), "157.240.0.53", false, true},
+	} {
+		if got := tc.list.AllowsIP(ip(tc.addr)); got != tc.literal {
+			t.Errorf("%s: AllowsIP(%s) = %v, want %v", tc.name, tc.addr, got, tc.literal)
+		}
+		if got := tc.list.AllowsResolved(ip(tc.addr)); got != tc.named {
+			t.Errorf("%s: AllowsResolved(%s) = %v, want %v", tc.name, tc.addr, got, tc.named)
+		}
+	}
+	var nilList *Allowlist
+	if nilList.AllowsResolved(ip("192.0.2.1")) {
+		t.Error("a nil allowlist must allow nothing")
 	}
 }

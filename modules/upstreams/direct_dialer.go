@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"syscall"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -18,6 +20,13 @@ func init() {
 
 // Direct connects to destinations directly, from this host. Host names are
 // resolved here, with the system resolver. It has no options.
+//
+// When the context carries the handler's allowlist (WithAllowlist), every
+// address a name resolves to is checked just before the connect(2), and an
+// internal address (loopback, link-local, private...; see InternalRange)
+// that no IP or CIDR pattern allows is not connected to: `allow
+// example.com` does not let a name that resolves to 127.0.0.1 reach this
+// host's own services.
 type Direct struct {
 	dialer net.Dialer
 }
@@ -39,16 +48,54 @@ func (dd *Direct) Provision(caddy.Context) error {
 
 // DialContext connects to address ("host:port") over TCP and returns the
 // *net.TCPConn. Errors are *DialError values of kind metrics.KindTimeout when
-// ctx's deadline passed, else metrics.KindDial; the message names address.
+// ctx's deadline passed, metrics.KindNotAllowed when every address the name
+// resolved to is internal and not allowed (see WithAllowlist), else
+// metrics.KindDial; the message names address.
 func (dd *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, err
 	}
-	c, err := dd.dialer.DialContext(ctx, network, address)
+	dialer := &dd.dialer
+	if allow := allowlistFrom(ctx); allow != nil {
+		checked := dd.dialer
+		checked.ControlContext = func(_ context.Context, _, addr string, _ syscall.RawConn) error {
+			return checkResolved(allow, addr)
+		}
+		dialer = &checked
+	}
+	c, err := dialer.DialContext(ctx, network, address)
 	if err != nil {
+		var ie *internalAddrError
+		if errors.As(err, &ie) {
+			return nil, &DialError{Kind: metrics.KindNotAllowed, Err: fmt.Errorf("dial %s: %w", address, ie)}
+		}
 		return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, opCause(err))}
 	}
 	return c, nil // a *net.TCPConn
+}
+
+// internalAddrError reports a resolved address the allowlist does not reach.
+type internalAddrError struct {
+	addr      netip.Addr
+	rangeName string
+}
+
+func (e *internalAddrError) Error() string {
+	return fmt.Sprintf("resolved to %s (%s), an internal address the allowlist does not include; allow it, or a range containing it, to reach it", e.addr, e.rangeName)
+}
+
+// checkResolved is the dialer's Control hook: it runs for each address
+// ("ip:port") right before connecting to it.
+func checkResolved(allow *Allowlist, addr string) error {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return fmt.Errorf("address %q: %v", addr, err)
+	}
+	if !allow.AllowsResolved(ap.Addr()) {
+		name, _ := InternalRange(ap.Addr())
+		return &internalAddrError{addr: ap.Addr().Unmap(), rangeName: name}
+	}
+	return nil
 }
 
 // String describes the dialer for logs.

@@ -68,6 +68,83 @@ func TestDirectDial(t *testing.T) {
 	})
 }
 
+// TestDirectAllowlist: with the handler's allowlist in the context, an
+// allowed name that resolves to an internal address is refused before any
+// connection is attempted, unless an IP pattern allows that address.
+func TestDirectAllowlist(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan struct{}, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- struct{}{}
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	d := provisionDialer(t, new(Direct))
+	dial := func(address string, patterns ...string) (net.Conn, error) {
+		allow, err := NewAllowlist(patterns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(WithAllowlist(context.Background(), allow), 5*time.Second)
+		defer cancel()
+		return d.DialContext(ctx, "tcp", address)
+	}
+
+	for _, tc := range []struct {
+		name, address string
+		allow         []string
+	}{
+		{"a name resolving to loopback", "localhost:" + port, []string{"localhost"}},
+		{"a loopback literal under *", "127.0.0.1:" + port, []string{"*"}},
+		{"a loopback literal under another range", "127.0.0.1:" + port, []string{"localhost", "10.0.0.0/8"}},
+	} {
+		t.Run("refused/"+tc.name, func(t *testing.T) {
+			_, err := dial(tc.address, tc.allow...)
+			de := assertDialErrorKind(t, err, metrics.KindNotAllowed)
+			if !strings.Contains(de.Error(), "(loopback), an internal address the allowlist does not include") {
+				t.Errorf("error %q does not explain the refusal", de)
+			}
+		})
+	}
+	select {
+	case <-accepted:
+		t.Fatal("a refused dial reached the listener")
+	default:
+	}
+
+	for _, tc := range []struct {
+		name, address string
+		allow         []string
+	}{
+		{"the name and its address", "localhost:" + port, []string{"localhost", "127.0.0.1", "::1"}},
+		{"the name and a range", "localhost:" + port, []string{"localhost", "127.0.0.0/8", "::1/128"}},
+		{"the literal", "127.0.0.1:" + port, []string{"127.0.0.1"}},
+	} {
+		t.Run("allowed/"+tc.name, func(t *testing.T) {
+			conn, err := dial(tc.address, tc.allow...)
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			conn.Close()
+			select {
+			case <-accepted:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the listener saw no connection")
+			}
+		})
+	}
+}
+
 func TestDirectUnmarshalCaddyfile(t *testing.T) {
 	unm, err := unmarshalVia(t, "via direct")
 	if err != nil {

@@ -1,0 +1,106 @@
+package handlers
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
+)
+
+// Configuration and logging helpers shared by the wa_proxy and wa_http
+// handlers.
+
+// loadAllowlist builds a handler's allowlist from its allow patterns (the
+// default list when there are none) and warns when it allows any
+// destination.
+func loadAllowlist(patterns []string, logger *zap.Logger) (*upstreams.Allowlist, error) {
+	if len(patterns) == 0 {
+		patterns = upstreams.DefaultAllow
+	}
+	allow, err := upstreams.NewAllowlist(patterns)
+	if err != nil {
+		return nil, fmt.Errorf("allow: %w", err)
+	}
+	if allow.Any() {
+		logger.Warn("allow * makes this handler an open relay: any public destination may be dialled")
+	}
+	return allow, nil
+}
+
+// loadDialer loads the wa.dialers module configured in *via, the field of
+// mod tagged `caddy:"namespace=wa.dialers inline_key=dialer"` and named
+// ViaRaw (the direct dialer when it is empty), and returns it with its
+// module ID for logs.
+func loadDialer(ctx caddy.Context, mod any, via *json.RawMessage) (upstreams.Dialer, string, error) {
+	if *via == nil {
+		*via = json.RawMessage(`{"dialer":"direct"}`)
+	}
+	loaded, err := ctx.LoadModule(mod, "ViaRaw")
+	if err != nil {
+		return nil, "", fmt.Errorf("loading dialer: %w", err)
+	}
+	dialer, ok := loaded.(upstreams.Dialer)
+	if !ok {
+		return nil, "", fmt.Errorf("module %T is not a dialer", loaded)
+	}
+	return dialer, string(loaded.(caddy.Module).CaddyModule().ID), nil
+}
+
+// unmarshalVia reads `via <dialer> [<args...>] [{ ... }]` into the JSON of
+// a `via` field.
+func unmarshalVia(d *caddyfile.Dispenser) (json.RawMessage, error) {
+	if !d.NextArg() {
+		return nil, d.Errf("via: missing dialer name (direct or socks5)")
+	}
+	name := d.Val()
+	if _, err := caddy.GetModule("wa.dialers." + name); err != nil {
+		return nil, d.Errf("via: unknown dialer '%s' (want direct or socks5)", name)
+	}
+	unm, err := caddyfile.UnmarshalModule(d, "wa.dialers."+name)
+	if err != nil {
+		return nil, err
+	}
+	return caddyconfig.JSONModuleObject(unm, "dialer", name, nil), nil
+}
+
+// unmarshalTimeout reads the one positive duration argument of opt.
+func unmarshalTimeout(d *caddyfile.Dispenser, opt string) (caddy.Duration, error) {
+	if !d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(d.Val())
+	if err != nil {
+		return 0, d.Errf("%s: bad duration '%s': %v", opt, d.Val(), err)
+	}
+	if dur <= 0 {
+		return 0, d.Errf("%s: must be positive, got '%s'", opt, d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	return caddy.Duration(dur), nil
+}
+
+// logEnd logs how a relayed connection ended (what: "connection" or
+// "tunnel") and counts the endings that are errors: a normal close or a
+// peer's reset at Debug, the idle timeout at Debug counted as idle_timeout,
+// anything else at Warn counted as relay.
+func logEnd(logger *zap.Logger, what string, fields []zap.Field, err error) {
+	switch {
+	case err == nil || isClosedByPeer(err):
+		logger.Debug(what+" closed", fields...)
+	case errors.Is(err, errIdle):
+		metrics.CountError(metrics.KindIdleTimeout)
+		logger.Debug("close idle "+what, fields...)
+	default:
+		metrics.CountError(metrics.KindRelay)
+		logger.Warn("relay", append(fields, zap.Error(err))...)
+	}
+}
