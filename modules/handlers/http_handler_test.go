@@ -1,0 +1,140 @@
+package handlers
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"net/http"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// provisionHTTP provisions a wa_http handler from its JSON, as Caddy does.
+func provisionHTTP(t *testing.T, config string) (*HandleHTTP, error) {
+	t.Helper()
+	h := new(HandleHTTP)
+	if err := json.Unmarshal([]byte(config), h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	err := h.Provision(ctx)
+	if err == nil {
+		err = h.Validate()
+	}
+	t.Cleanup(func() { _ = h.Cleanup() })
+	return h, err
+}
+
+func TestHandleHTTPProvision(t *testing.T) {
+	t.Setenv("WAPROXY_TEST_USER", "alice")
+	t.Setenv("WAPROXY_TEST_PASS", "secret")
+	t.Setenv("WAPROXY_TEST_EMPTY", "")
+	h, err := provisionHTTP(t, `{"auth":{"basic":{"username":"{env.WAPROXY_TEST_USER}","password":"{env.WAPROXY_TEST_PASS}"}}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.dialerID != "wa.dialers.direct" || h.transport == nil || h.transport.Proxy != nil {
+		t.Fatalf("dialer %q, transport %v", h.dialerID, h.transport)
+	}
+	if !h.allow.AllowsHost("g.whatsapp.net") || h.allow.AllowsHost("example.com") {
+		t.Fatal("the default allowlist is not WhatsApp's domains")
+	}
+	for _, c := range []struct {
+		header string
+		want   bool
+	}{
+		{"Basic YWxpY2U6c2VjcmV0", true},  // alice:secret
+		{"basic  YWxpY2U6c2VjcmV0", true}, // scheme is case-insensitive
+		{"Basic YWxpY2U6c2VjcmV1", false}, // alice:secreu
+		{"Basic Ym9iOnNlY3JldA==", false}, // bob:secret
+		{"Basic YWxpY2Vfc2VjcmV0", false}, // no colon
+		{"Bearer YWxpY2U6c2VjcmV0", false},
+		{"Basic !!!", false},
+		{"", false},
+	} {
+		req := &http.Request{Header: http.Header{}}
+		if c.header != "" {
+			req.Header.Set("Proxy-Authorization", c.header)
+		}
+		if got := h.authorized(req); got != c.want {
+			t.Errorf("authorized(%q) = %v, want %v", c.header, got, c.want)
+		}
+	}
+
+	for _, c := range []struct{ config, want string }{
+		{`{"auth":{"basic":{"username":"{env.WAPROXY_TEST_EMPTY}","password":"x"}}}`, "auth basic: the username is empty"},
+		{`{"auth":{"basic":{"username":"a:b","password":"x"}}}`, "the username must not contain ':'"},
+		{`{"auth":{"basic":{"username":"a","password":"{env.WAPROXY_TEST_UNSET}"}}}`, "auth basic: the password is empty"},
+		{`{"auth":{}}`, "auth: no scheme configured"},
+		{`{"allow":["10.0.0.0/99"]}`, "bad CIDR"},
+		{`{"via":{"dialer":"pigeon"}}`, "wa.dialers.pigeon"},
+		{`{"idle_timeout":-1}`, "idle_timeout must not be negative"},
+		{`{"headers":{"request":{"replace":{"X":[{"search_regexp":"("}]}}}}`, "headers: replacement 0 for header field 'X'"},
+	} {
+		if _, err := provisionHTTP(t, c.config); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: error %v, want %q", c.config, err, c.want)
+		}
+	}
+}
+
+func TestDestination(t *testing.T) {
+	for _, c := range []struct {
+		request, dest, reason string
+	}{
+		{"CONNECT g.whatsapp.net:443 HTTP/1.1", "g.whatsapp.net:443", ""},
+		{"CONNECT [2001:db8::1]:443 HTTP/1.1", "[2001:db8::1]:443", ""},
+		{"CONNECT g.whatsapp.net HTTP/1.1", "", "CONNECT needs a host:port target"},
+		{"CONNECT g.whatsapp.net:0 HTTP/1.1", "", "CONNECT needs a host:port target"},
+		{"CONNECT /path HTTP/1.1", "", "CONNECT needs a host:port target"},
+		{"GET http://example.com/x HTTP/1.1", "example.com:80", ""},
+		{"GET http://user:pw@example.com:8080/x HTTP/1.1", "example.com:8080", ""},
+		{"GET https://example.com/x HTTP/1.1", "example.com:443", ""},
+		{"GET http://[::1]:81/ HTTP/1.1", "[::1]:81", ""},
+		{"GET /x HTTP/1.1", "", "the target must be an absolute URL"},
+		{"OPTIONS * HTTP/1.1", "", "the target must be an absolute URL"},
+		{"GET ftp://example.com/ HTTP/1.1", "", `unsupported URL scheme "ftp"`},
+		{"GET http://example.com:99999/ HTTP/1.1", "", "bad host or port"},
+	} {
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(c.request + "\r\nHost: h\r\n\r\n")))
+		if err != nil {
+			t.Fatalf("%q: %v", c.request, err)
+		}
+		dest, status, reason := destination(req)
+		if dest != c.dest || !strings.Contains(reason, c.reason) || (c.reason != "") != (status == http.StatusBadRequest) {
+			t.Errorf("%q: %q %d %q; want %q %q", c.request, dest, status, reason, c.dest, c.reason)
+		}
+	}
+}
+
+func TestRemoveHopByHop(t *testing.T) {
+	hdr := http.Header{
+		"Connection":          {"keep-alive, X-Hop", "Upgrade, x-other"},
+		"X-Hop":               {"1"},
+		"X-Other":             {"2"},
+		"Keep-Alive":          {"timeout=5"},
+		"Proxy-Connection":    {"keep-alive"},
+		"Proxy-Authorization": {"Basic eA=="},
+		"Proxy-Authenticate":  {"Basic"},
+		"Te":                  {"gzip, trailers;q=1"},
+		"Trailer":             {"X-Sum"},
+		"Transfer-Encoding":   {"chunked"},
+		"Upgrade":             {"websocket"},
+		"X-Kept":              {"3"},
+		"Via":                 {"1.0 other"},
+	}
+	removeHopByHop(hdr)
+	addVia(hdr, 1, 0)
+	want := http.Header{"X-Kept": {"3"}, "Te": {"trailers"}, "Via": {"1.0 other", "1.0 waproxy"}}
+	if !reflect.DeepEqual(hdr, want) {
+		t.Fatalf("got %v, want %v", hdr, want)
+	}
+	hdr = http.Header{"Te": {"deflate"}}
+	removeHopByHop(hdr)
+	if len(hdr) != 0 {
+		t.Fatalf("TE without trailers kept: %v", hdr)
+	}
+}
