@@ -1,10 +1,12 @@
 // Package waproxy is the caddy-waproxy plugin: a WhatsApp proxy built on
 // caddy-l4. Importing it (xcaddy build --with github.com/waproxy/caddy-waproxy)
 // registers every module: the wa_* matchers and handlers, the wa.dialers
-// dialers and the metrics they share.
+// dialers, the metrics they share and
+// the `waproxy` Caddyfile global option.
 package waproxy
 
 import (
+	_ "github.com/waproxy/caddy-waproxy/caddyfile"
 	_ "github.com/waproxy/caddy-waproxy/modules/handlers"
 	_ "github.com/waproxy/caddy-waproxy/modules/matchers"
 	_ "github.com/waproxy/caddy-waproxy/modules/upstreams"

@@ -104,3 +104,8 @@ func logEnd(logger *zap.Logger, what string, fields []zap.Field, err error) {
 		logger.Warn("relay", append(fields, zap.Error(err))...)
 	}
 }
+
+// UnmarshalVia reads `via <dialer> [<args...>] [{ ... }]`, with d on the
+// `via` token, into the JSON of a handler's `via` field: the dialer's own
+// Caddyfile syntax. The waproxy Caddyfile preset uses it.
+func UnmarshalVia(d *caddyfile.Dispenser) (json.RawMessage, error) { return unmarshalVia(d) }

@@ -1,0 +1,286 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/mholt/caddy-l4/modules/l4proxyprotocol"
+	"github.com/pires/go-proxyproto"
+
+	_ "github.com/waproxy/caddy-waproxy"
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
+)
+
+// adaptPreset adapts a waproxy preset Caddyfile and changes its addresses
+// only, the way rewriteMainExample does: the listener, the chat destination
+// (`localhost`, allowed), the HTTP proxy's allowlist, the media
+// passthrough's name resolution (test_resolve) and Caddy's storage.
+func adaptPreset(t *testing.T, caddyfile, listen, chat, storage string, hosts map[string]string) string {
+	t.Helper()
+	return adaptPresetServers(t, caddyfile, map[string]string{"waproxy": listen}, chat, storage, hosts)
+}
+
+// adaptPresetServers is adaptPreset for a preset with several layer4
+// servers: listen maps each server's name to its one test address.
+func adaptPresetServers(t *testing.T, caddyfile string, listen map[string]string, chat, storage string, hosts map[string]string) string {
+	t.Helper()
+	adapted, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatalf("adapting the preset: %v", err)
+	}
+	for _, w := range warnings {
+		if !strings.Contains(w.Message, "not formatted") {
+			t.Errorf("adapter warning: %s", w.Message)
+		}
+	}
+	var cfg obj
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	delete(cfg, "admin")
+	cfg["storage"] = obj{"module": "file_system", "root": storage}
+	_, chatPort, _ := net.SplitHostPort(chat)
+	counts := map[string]int{}
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case obj:
+			switch v["handler"] {
+			case "wa_proxy":
+				switch v["destination"] {
+				case "g.whatsapp.net:5222":
+					v["destination"], v["allow"] = "localhost:"+chatPort, []string{"localhost", "127.0.0.1"}
+					counts["chat"]++
+				case "{l4.wa_tls.server_name}:443":
+					v["via"] = obj{"dialer": "test_resolve", "hosts": hosts, "log": newDialLog(t)}
+					counts["media"]++
+				default:
+					t.Fatalf("preset: unexpected wa_proxy destination %v", v["destination"])
+				}
+			case "wa_http":
+				v["allow"] = []string{"localhost", "127.0.0.1"}
+				counts["http"]++
+			}
+			for _, x := range v {
+				walk(x)
+			}
+		case []any:
+			for _, x := range v {
+				walk(x)
+			}
+		}
+	}
+	servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
+	if len(servers) != len(listen) {
+		t.Fatalf("preset: %d layer4 servers, want %d", len(servers), len(listen))
+	}
+	for name, addr := range listen {
+		s, ok := servers[name].(obj)
+		if !ok {
+			t.Fatalf("preset: no layer4 server %q", name)
+		}
+		s["listen"] = []string{addr}
+		walk(s)
+	}
+	if counts["chat"] != 4*len(listen) || counts["media"] != len(listen) || counts["http"] != len(listen) {
+		t.Fatalf("preset has %v handlers; the test expects 4 chat, 1 media, 1 http per server", counts)
+	}
+	out, _ := json.Marshal(cfg)
+	return string(out)
+}
+
+// readProxied reads what the echoing chat destination sent back: the PROXY
+// header that wa_proxy put in front of the stream, then msg.
+func readProxied(t *testing.T, r io.Reader, msg []byte) *proxyproto.Header {
+	t.Helper()
+	br := bufio.NewReader(r)
+	hdr, err := proxyproto.Read(br)
+	if err != nil {
+		t.Fatalf("reading the PROXY header the destination saw: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(br, got); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("after the header want the message, got %x, %v", got, err)
+	}
+	return hdr
+}
+
+// TestPresetSinglePort runs the adapted `waproxy` preset (addresses aside,
+// as adapted): plain chat, chat in TLS terminated with the certificate the
+// preset names, media passthrough and the HTTP proxy on one port; with
+// send_proxy_protocol, chat (never media) gets a PROXY header naming the
+// client.
+func TestPresetSinglePort(t *testing.T) {
+	start := time.Now()
+	storage := t.TempDir()
+	ca := newTestCA(t)
+	media := startTLSEcho(t, ca.issue(t, "mmg.whatsapp.net"))
+	chat := testutil.StartEcho(t)
+	origin := startOrigin(t, false, nil)
+	listen := testutil.FreeAddr(t)
+	c := testutil.StartCaddy(t, adaptPreset(t, `{
+	tls_automate_names proxy.waproxy.internal
+	skip_install_trust
+	waproxy {
+		listen :443
+		via direct
+		send_proxy_protocol v2
+	}
+}`, listen, chat.Addr, storage, map[string]string{"mmg.whatsapp.net:443": media.Addr}))
+
+	t.Run("plain_chat", func(t *testing.T) {
+		conn := dial(t, listen)
+		hello := cat(edPrologue(), waHello())
+		if _, err := conn.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		hdr := readProxied(t, conn, hello)
+		if hdr.Version != 2 || hdr.SourceAddr.String() != conn.LocalAddr().String() {
+			t.Fatalf("PROXY v%d from %v; want v2 from the client %v", hdr.Version, hdr.SourceAddr, conn.LocalAddr())
+		}
+		waitMetric(t, c, `whatsapp_proxy_protocol_connections{protocol="whatsapp_edge"}`, 1)
+	})
+	t.Run("chat_in_tls", func(t *testing.T) {
+		conn := handshakeWhenReady(t, listen, &tls.Config{InsecureSkipVerify: true})
+		defer conn.Close()
+		verifyLocalCA(t, conn.ConnectionState(), storage, "proxy.waproxy.internal", start)
+		_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+		hello := waHello()
+		if _, err := conn.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		readProxied(t, conn, hello)
+	})
+	t.Run("media_passthrough", func(t *testing.T) {
+		conn, err := tlsDial(t, listen, &tls.Config{ServerName: "mmg.whatsapp.net", RootCAs: ca.pool}, true)
+		if err != nil {
+			t.Fatalf("handshake for mmg.whatsapp.net: %v", err)
+		}
+		if !bytes.Equal(conn.ConnectionState().PeerCertificates[0].Raw, media.Cert.Certificate[0]) {
+			t.Fatal("media TLS was terminated; want the media server's certificate")
+		}
+		// no PROXY header in front of media: the echo is the request alone
+		exchange(t, conn, []byte("GET /v/t62 HTTP/1.1\r\nHost: mmg.whatsapp.net\r\n\r\n"))
+	})
+	t.Run("http_proxy", func(t *testing.T) {
+		_, originPort, _ := net.SplitHostPort(strings.TrimPrefix(origin.URL, "http://"))
+		seen, resp := getSeen(t, proxyClient(t, listen, nil), "http://localhost:"+originPort+"/echo", nil)
+		if resp.StatusCode != http.StatusOK || seen.URI != "/echo" {
+			t.Fatalf("through the proxy: status %d, origin saw %q", resp.StatusCode, seen.URI)
+		}
+	})
+}
+
+// TestPresetProxyHeaderAllowed: behind a load balancer (proxy_protocol_from
+// naming its address), the client address in the balancer's PROXY header is
+// what the chat destination is told (send_proxy_protocol).
+func TestPresetProxyHeaderAllowed(t *testing.T) {
+	chat := testutil.StartEcho(t)
+	listen := testutil.FreeAddr(t)
+	testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		proxy_protocol_from 127.0.0.1
+		send_proxy_protocol v2
+	}
+}`, listen, chat.Addr, t.TempDir(), nil))
+	conn := dial(t, listen)
+	claimed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4242}
+	in := proxyproto.HeaderProxyFromAddrs(1, claimed, conn.RemoteAddr())
+	if _, err := in.WriteTo(conn); err != nil {
+		t.Fatal(err)
+	}
+	hello := waHello()
+	if _, err := conn.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	hdr := readProxied(t, conn, hello)
+	if hdr.Version != 2 || hdr.SourceAddr.String() != claimed.String() {
+		t.Fatalf("the destination saw the client as %v (PROXY v%d); want the address in the load balancer's header, %v, in v2", hdr.SourceAddr, hdr.Version, claimed)
+	}
+}
+
+// TestPresetProxyHeaderNotAllowed: a PROXY header from an address outside
+// proxy_protocol_from is not trusted: it is not read as a header, its
+// claimed address is never used, and the destination sees the connection's
+// own address (then the header's bytes, as data, on the fallback route).
+func TestPresetProxyHeaderNotAllowed(t *testing.T) {
+	chat := testutil.StartEcho(t)
+	listen := testutil.FreeAddr(t)
+	testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		proxy_protocol_from 10.0.0.0/8
+		send_proxy_protocol v1
+	}
+}`, listen, chat.Addr, t.TempDir(), nil))
+	conn := dial(t, listen)
+	claimed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4242}
+	var sent bytes.Buffer
+	if _, err := proxyproto.HeaderProxyFromAddrs(1, claimed, conn.RemoteAddr()).WriteTo(&sent); err != nil {
+		t.Fatal(err)
+	}
+	sent.Write(waHello())
+	if _, err := conn.Write(sent.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	hdr := readProxied(t, conn, sent.Bytes())
+	if hdr.Version != 1 || hdr.SourceAddr.String() != conn.LocalAddr().String() {
+		t.Fatalf("PROXY v%d from %v; want v1 from the connection's own address %v", hdr.Version, hdr.SourceAddr, conn.LocalAddr())
+	}
+}
+
+// TestPresetOfficialPorts: with official_ports, the plain ports detect like
+// the single port, and the PROXY ports (8080 8443 8222) require a header
+// from every peer when no proxy_protocol_from is given, as the official
+// proxy's accept-proxy does.
+func TestPresetOfficialPorts(t *testing.T) {
+	chat := testutil.StartEcho(t)
+	plain, pp := testutil.FreeAddr(t), testutil.FreeAddr(t)
+	testutil.StartCaddy(t, adaptPresetServers(t, `{
+	waproxy {
+		official_ports
+		send_proxy_protocol v1
+	}
+}`, map[string]string{"waproxy": plain, "waproxy_proxy_protocol": pp}, chat.Addr, t.TempDir(), nil))
+
+	t.Run("plain_port", func(t *testing.T) {
+		conn := dial(t, plain)
+		hello := waHello()
+		if _, err := conn.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		if hdr := readProxied(t, conn, hello); hdr.SourceAddr.String() != conn.LocalAddr().String() {
+			t.Fatalf("the destination saw the client as %v, want %v", hdr.SourceAddr, conn.LocalAddr())
+		}
+	})
+	t.Run("proxy_port_with_header", func(t *testing.T) {
+		conn := dial(t, pp)
+		claimed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4343}
+		if _, err := proxyproto.HeaderProxyFromAddrs(2, claimed, conn.RemoteAddr()).WriteTo(conn); err != nil {
+			t.Fatal(err)
+		}
+		hello := waHello()
+		if _, err := conn.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		if hdr := readProxied(t, conn, hello); hdr.SourceAddr.String() != claimed.String() {
+			t.Fatalf("the destination saw the client as %v, want the header's %v", hdr.SourceAddr, claimed)
+		}
+	})
+	t.Run("proxy_port_without_header", func(t *testing.T) {
+		conn := dial(t, pp)
+		if _, err := conn.Write(waHello()); err != nil {
+			t.Fatal(err)
+		}
+		expectClosed(t, conn, 10*time.Second)
+	})
+}
