@@ -63,7 +63,7 @@ type pairStats struct{ toUpstream, toClient int64 }
 // offload returns false, having changed nothing, when the connections are
 // not plain TCP sockets or the loop is unavailable; the caller then relays
 // itself.
-func offload(client, upstream net.Conn, idle time.Duration, fromClient, fromUpstream prometheus.Counter,
+func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
 	done func(pairStats, error)) bool {
 	if relayMode != "" {
 		return false
@@ -90,6 +90,7 @@ func offload(client, upstream net.Conn, idle time.Duration, fromClient, fromUpst
 	p := &pair{
 		fds:      [2]int{cfd, ufd},
 		idle:     idle,
+		n:        n,
 		counters: [2]prometheus.Counter{fromClient, fromUpstream},
 		done:     done,
 	}
@@ -155,7 +156,7 @@ func (l *eventLoop) add(p *pair) error {
 				_ = unix.Close(fd)
 			}
 			err = fmt.Errorf("epoll_ctl add: %w", err)
-			p.done(pairStats{}, err)
+			p.done(pairStats{toUpstream: p.n[0].Load(), toClient: p.n[1].Load()}, err)
 			return err
 		}
 	}
@@ -214,11 +215,11 @@ type pair struct {
 	loop       *eventLoop
 	id         uint32
 	fds        [2]int
-	pend       [2][]byte  // bytes waiting to be written to fds[i]
-	pendBuf    [2]*[]byte // the borrowed buffer behind pend[i]
-	eof        [2]bool    // reading fds[i] has returned EOF
-	interest   [2]uint32  // epoll interest registered for fds[i]
-	n          [2]int64   // bytes read from fds[i]
+	pend       [2][]byte        // bytes waiting to be written to fds[i]
+	pendBuf    [2]*[]byte       // the borrowed buffer behind pend[i]
+	eof        [2]bool          // reading fds[i] has returned EOF
+	interest   [2]uint32        // epoll interest registered for fds[i]
+	n          [2]*atomic.Int64 // bytes read from fds[i] (readable from other goroutines)
 	counters   [2]prometheus.Counter
 	idle       time.Duration
 	lastActive atomic.Int64
@@ -282,7 +283,7 @@ func (l *eventLoop) read(p *pair, s int) bool {
 		return l.updateInterest(p)
 	}
 	p.touch()
-	p.n[s] += int64(n)
+	p.n[s].Add(int64(n))
 	p.counters[s].Add(float64(n))
 	w, err := writeFD(p.fds[d], (*bp)[:n])
 	if err != nil && err != unix.EAGAIN {
@@ -360,7 +361,7 @@ func (l *eventLoop) close(p *pair, err error) {
 		}
 	}
 	if p.done != nil {
-		p.done(pairStats{toUpstream: p.n[0], toClient: p.n[1]}, err)
+		p.done(pairStats{toUpstream: p.n[0].Load(), toClient: p.n[1].Load()}, err)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
@@ -187,6 +188,8 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
+		Handler: "layer4.handlers.wa_http"})
 	h.transport = &http.Transport{
 		Proxy:                  nil, // never the environment's proxy
 		DialContext:            h.dialTransport,

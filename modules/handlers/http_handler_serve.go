@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
@@ -58,11 +59,14 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	metrics.ConnectionsTotal.Inc()
 	metrics.ConnectionsActive.Inc()
 	metrics.ProtocolConnections.WithLabelValues(protocol).Inc()
+	c := &httpConn{h: h, cx: cx, remote: cx.RemoteAddr().String(), protocol: protocol, idle: time.Duration(h.IdleTimeout)}
+	c.rc = registry.Open(&registry.Conn{Remote: c.remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
+		Handler: "layer4.handlers.wa_http", Dialer: h.dialerID})
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
+		registry.Close(c.rc, nil)
 	}
-	c := &httpConn{h: h, cx: cx, remote: cx.RemoteAddr().String(), protocol: protocol, idle: time.Duration(h.IdleTimeout)}
 	c.repl, _ = cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
 	if c.repl == nil {
 		c.repl = caddy.NewReplacer()
@@ -124,6 +128,8 @@ type httpConn struct {
 	bw       *bufio.Writer
 	linger   bool         // a response said Connection: close: lingerClose
 	pending  *requestBody // a request body the transport may still be reading
+	rc       *registry.Conn
+	relayErr error // how a tunnel's relay ended, for the registry
 }
 
 // serve reads and answers requests. It returns true when a tunnel took the
@@ -304,6 +310,7 @@ func canContinue(req *http.Request) bool { return requestDone(req) && !req.Close
 // forward sends req to dest through the transport and streams the response
 // back. It returns whether the client connection may serve another request.
 func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
+	c.rc.SetDestination(dest)
 	start := time.Now()
 	ctx, cancel := context.WithCancel(c.cx.Context)
 	defer cancel()
@@ -553,6 +560,7 @@ type writerOnly struct{ io.Writer }
 // over (and releases the gauges when it ends).
 func (c *httpConn) tunnel(req *http.Request, dest string) (offloaded bool) {
 	start := time.Now()
+	c.rc.SetDestination(dest)
 	up, err := c.h.dial(c.cx.Context, dest)
 	if err != nil {
 		c.upstreamFailed(req, dest, err, "dial upstream")
@@ -591,20 +599,23 @@ func (c *httpConn) tunnel(req *http.Request, dest string) (offloaded bool) {
 		}
 	}
 	_ = c.cx.Conn.SetDeadline(time.Time{}) // the relay keeps its own
+	c.rc.FromClient.Add(sent)
 
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolConnections.WithLabelValues(c.protocol).Dec()
+		registry.Close(c.rc, c.relayErr)
 	}
 	end := func(st pairStats, err error) {
+		c.relayErr = err
 		fields := []zap.Field{
 			zap.String("remote", c.remote), zap.String("destination", dest), zap.String("via", c.h.dialerID),
-			zap.Int64("bytes_from_client", st.toUpstream+sent), zap.Int64("bytes_to_client", st.toClient),
+			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
 			zap.Duration("duration", time.Since(start)),
 		}
 		logEnd(c.h.logger, "tunnel", fields, err)
 	}
-	return carry(c.cx.Conn, up, c.idle, end, release)
+	return carry(c.cx.Conn, up, c.idle, &c.rc.FromClient, &c.rc.FromUpstream, end, release)
 }
 
 // ---- replies, hygiene ----

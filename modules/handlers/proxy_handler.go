@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
@@ -124,6 +125,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
+		Handler: "layer4.handlers.wa_proxy", Destination: h.Destination})
 
 	if h.TLS != nil {
 		if err := h.TLS.provision(); err != nil {
@@ -178,10 +181,23 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	metrics.ConnectionsTotal.Inc()
 	metrics.ConnectionsActive.Inc()
 	metrics.ProtocolConnections.WithLabelValues(protocol).Inc()
+	repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
+	dest := repl.ReplaceAll(h.Destination, "")
+	remote := cx.RemoteAddr().String()
+	rc := &registry.Conn{Remote: remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
+		Handler: "layer4.handlers.wa_proxy", Dialer: h.dialerID}
+	rc.SetDestination(dest)
+	registry.Open(rc)
+	var failure error  // why the connection ended before it was relayed
+	var relayErr error // how the relay ended
 	offloaded := false // the event loop owns the connection and ends it
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
+		if failure == nil {
+			failure = relayErr
+		}
+		registry.Close(rc, failure)
 	}
 	defer func() {
 		if !offloaded {
@@ -189,17 +205,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 	}()
 
-	repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
-	dest := repl.ReplaceAll(h.Destination, "")
-	remote := cx.RemoteAddr().String()
-
 	host, _, err := splitDestination(dest)
 	if err != nil {
+		failure = err
 		metrics.CountError(metrics.KindDestination)
 		h.logger.Error("bad destination", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
 		return nil
 	}
 	if !h.allow.AllowsHost(host) {
+		failure = errors.New("destination not in the allowlist")
 		metrics.CountError(metrics.KindNotAllowed)
 		h.logger.Warn("refuse destination outside the allowlist",
 			zap.String("remote", remote), zap.String("destination", dest), zap.String("protocol", protocol))
@@ -212,6 +226,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	defer cancel() // connect_timeout covers the dial and the upstream TLS handshake
 	up, err := h.dialer.DialContext(ctx, "tcp", dest)
 	if err != nil {
+		failure = err
 		metrics.CountError(upstreams.ErrorKind(err))
 		h.logger.Error("dial upstream",
 			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
@@ -246,6 +261,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 		tc, err := h.TLS.client(ctx, up, repl.ReplaceAll(h.TLS.ServerName, ""), host)
 		if err != nil {
+			failure = err
 			metrics.CountError(upstreams.ErrorKind(err))
 			h.logger.Error("tls handshake with upstream",
 				zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
@@ -266,6 +282,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			return nil
 		}
 		metrics.BytesReceived.Add(float64(len(prefetched)))
+		rc.FromClient.Add(int64(len(prefetched)))
 		// consume what was just sent from the connection's buffer
 		if _, err := cx.Read(prefetched); err != nil {
 			return fmt.Errorf("draining prefetched bytes: %w", err)
@@ -275,17 +292,27 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	// end logs and counts how the connection ended; it runs once, on the
 	// event loop's goroutine or on this one.
 	end := func(st pairStats, err error) {
+		relayErr = err
 		fields := []zap.Field{
 			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
 			zap.String("protocol", protocol),
-			zap.Int64("bytes_from_client", st.toUpstream+int64(len(prefetched))), zap.Int64("bytes_to_client", st.toClient),
+			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
 			zap.Duration("duration", time.Since(start)),
 		}
 		logEnd(h.logger, "connection", fields, err)
 	}
 
-	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), end, release) {
+	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), &rc.FromClient, &rc.FromUpstream, end, release) {
 		offloaded = true
+	}
+	return nil
+}
+
+// dialerServers returns the servers a dialer goes through (socks5), for the
+// registry; never its credentials.
+func dialerServers(d upstreams.Dialer) []string {
+	if s, ok := d.(*upstreams.SOCKS5); ok {
+		return s.Servers
 	}
 	return nil
 }

@@ -46,8 +46,9 @@ type relay struct {
 	idle       time.Duration
 	lastActive atomic.Int64 // unix nanoseconds of the last chunk moved, either way
 
-	// byte counts, readable while the relay runs
-	up, down atomic.Int64
+	// byte counts, readable while the relay runs (the connection registry's
+	// counters: read from the client, read from the upstream)
+	up, down *atomic.Int64
 }
 
 // run relays between client (read from clientR, written to clientW; the
@@ -72,11 +73,11 @@ func (r *relay) run(clientR, clientW, upstream net.Conn, sent, received promethe
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if err := r.pipe(clientW, upstream, &r.down, sent); err != nil {
+		if err := r.pipe(clientW, upstream, r.down, sent); err != nil {
 			fail(err)
 		}
 	}()
-	if err := r.pipe(upstream, clientR, &r.up, received); err != nil {
+	if err := r.pipe(upstream, clientR, r.up, received); err != nil {
 		fail(err)
 	}
 	<-done
@@ -218,16 +219,19 @@ func closeWrite(c net.Conn) {
 // when it can take them (carry then returns true at once, and done and
 // release run on the loop when the pair ends), else on this goroutine (done
 // runs before carry returns false; release is left to the caller). up is
-// closed either way.
-func carry(client, up net.Conn, idle time.Duration, done func(pairStats, error), release func()) (offloaded bool) {
-	if offload(client, up, idle, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
+// closed either way. The bytes read from the client and from the upstream
+// are added to fromClient and fromUpstream as they move, so they can be read
+// while the pair lives; done's pairStats holds their final values.
+func carry(client, up net.Conn, idle time.Duration, fromClient, fromUpstream *atomic.Int64,
+	done func(pairStats, error), release func()) (offloaded bool) {
+	if offload(client, up, idle, [2]*atomic.Int64{fromClient, fromUpstream}, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
 		done(st, err)
 		release()
 	}) {
 		return true
 	}
 	defer up.Close()
-	r := &relay{idle: idle}
+	r := &relay{idle: idle, up: fromClient, down: fromUpstream}
 	err := r.run(client, client, up, metrics.BytesSent, metrics.BytesReceived)
 	done(pairStats{toUpstream: r.up.Load(), toClient: r.down.Load()}, err)
 	return false

@@ -1,0 +1,135 @@
+// Package admin holds the `admin.api.waproxy` module: the proxy's live view
+// in Caddy's admin API.
+package admin
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/waproxy/caddy-waproxy/modules/registry"
+)
+
+func init() {
+	caddy.RegisterModule(&API{})
+}
+
+// EventBuffer is how many events a /waproxy/events subscriber may fall
+// behind before it is dropped.
+const EventBuffer = 256
+
+// keepaliveInterval is how often an idle event stream gets an SSE comment,
+// so proxies and clients see it alive and a departed client is noticed.
+const keepaliveInterval = 15 * time.Second
+
+// API (module `admin.api.waproxy`) serves the live connections, the
+// configured dialers and a stream of connection events on Caddy's admin
+// endpoint. Caddy mounts every registered `admin.api.*` module; it takes
+// no configuration.
+type API struct{}
+
+// CaddyModule returns the Caddy module information.
+func (*API) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.waproxy",
+		New: func() caddy.Module { return new(API) },
+	}
+}
+
+// Routes returns the /waproxy/ routes.
+func (a *API) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{
+		{Pattern: "/waproxy/connections", Handler: caddy.AdminHandlerFunc(a.connections)},
+		{Pattern: "/waproxy/upstreams", Handler: caddy.AdminHandlerFunc(a.upstreams)},
+		{Pattern: "/waproxy/events", Handler: caddy.AdminHandlerFunc(a.events)},
+	}
+}
+
+func onlyGET(r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed (use GET)", r.Method)}
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	return json.NewEncoder(w).Encode(v)
+}
+
+// connections answers GET /waproxy/connections with the live connections.
+func (a *API) connections(w http.ResponseWriter, r *http.Request) error {
+	if err := onlyGET(r); err != nil {
+		return err
+	}
+	return writeJSON(w, registry.List())
+}
+
+// upstreams answers GET /waproxy/upstreams with the configured dialers.
+func (a *API) upstreams(w http.ResponseWriter, r *http.Request) error {
+	if err := onlyGET(r); err != nil {
+		return err
+	}
+	return writeJSON(w, registry.Dialers())
+}
+
+// events streams connection events as Server-Sent Events until the client
+// leaves or falls too far behind.
+func (a *API) events(w http.ResponseWriter, r *http.Request) error {
+	if err := onlyGET(r); err != nil {
+		return err
+	}
+	rc := http.NewResponseController(w)
+	sub := registry.Subscribe(EventBuffer)
+	defer sub.Unsubscribe()
+
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	if _, err := fmt.Fprint(w, ": waproxy events\n\n"); err != nil {
+		return nil
+	}
+	if err := rc.Flush(); err != nil {
+		return nil // the client is gone, or the writer cannot stream
+	}
+	// the admin server's read timeout (10s) would end a long-lived stream:
+	// its expiry cancels the request's context
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
+
+	tick := time.NewTicker(keepaliveInterval)
+	defer tick.Stop()
+	for {
+		var err error
+		select {
+		case <-r.Context().Done():
+			return nil
+		case <-sub.Dropped():
+			_, _ = fmt.Fprint(w, "event: dropped\ndata: {\"reason\":\"subscriber too slow\"}\n\n")
+			_ = rc.Flush()
+			return nil
+		case <-tick.C:
+			_, err = fmt.Fprint(w, ": keepalive\n\n")
+		case ev := <-sub.Events():
+			var b []byte
+			b, err = json.Marshal(ev)
+			if err == nil {
+				_, err = fmt.Fprintf(w, "event: %s\nid: %d\ndata: %s\n\n", ev.Type, ev.Connection.ID, b)
+			}
+		}
+		if err == nil {
+			err = rc.Flush()
+		}
+		if err != nil {
+			return nil // the client went away: end quietly
+		}
+	}
+}
+
+// Interface guards
+var _ caddy.AdminRouter = (*API)(nil)

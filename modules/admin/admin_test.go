@@ -1,0 +1,139 @@
+package admin
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/waproxy/caddy-waproxy/modules/registry"
+)
+
+// blockingWriter is a ResponseWriter whose writes wait until release is
+// closed, like a client that stopped reading.
+type blockingWriter struct {
+	header  http.Header
+	release chan struct{}
+	mu      sync.Mutex
+	body    strings.Builder
+	writes  int
+}
+
+func (w *blockingWriter) Header() http.Header { return w.header }
+func (w *blockingWriter) WriteHeader(int)     {}
+func (w *blockingWriter) Flush()              {}
+func (w *blockingWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.writes++
+	first := w.writes == 1
+	w.mu.Unlock()
+	if !first { // the stream's opening comment goes through
+		<-w.release
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.body.Write(p)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestSlowEventClientDropped: a client that stops reading is dropped once
+// its buffer is full; the proxy's side (publishing) never blocks, and the
+// stream ends with a `dropped` event.
+func TestSlowEventClientDropped(t *testing.T) {
+	a := new(API)
+	w := &blockingWriter{header: make(http.Header), release: make(chan struct{})}
+	req := httptest.NewRequest(http.MethodGet, "/waproxy/events", nil)
+	done := make(chan error, 1)
+	before := registry.Subscribers()
+	go func() { done <- a.events(w, req) }()
+	waitFor(t, "subscription", func() bool { return registry.Subscribers() == before+1 })
+
+	// one event blocks the writer; EventBuffer more fill the buffer; the
+	// next drops the subscriber. None of this may block.
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		for range EventBuffer + 2 {
+			registry.Open(&registry.Conn{Protocol: "raw"}) // each publishes `opened`
+		}
+	}()
+	select {
+	case <-published:
+	case <-time.After(5 * time.Second):
+		t.Fatal("publishing blocked on a slow subscriber")
+	}
+	waitFor(t, "slow subscriber dropped", func() bool { return registry.Subscribers() == before })
+	close(w.release)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("events returned %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not end after the subscriber was dropped")
+	}
+	w.mu.Lock()
+	body := w.body.String()
+	w.mu.Unlock()
+	if !strings.HasSuffix(body, "event: dropped\ndata: {\"reason\":\"subscriber too slow\"}\n\n") {
+		t.Fatalf("stream does not end with a dropped event: ...%q", body[max(0, len(body)-200):])
+	}
+	if w.header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("Content-Type %q", w.header.Get("Content-Type"))
+	}
+}
+
+// TestEventStreamEndsWithClient: the handler returns, releasing its
+// subscription, when the client's request context ends.
+func TestEventStreamEndsWithClient(t *testing.T) {
+	a := new(API)
+	ctx, cancel := context.WithCancel(context.Background())
+	req := httptest.NewRequest(http.MethodGet, "/waproxy/events", nil).WithContext(ctx)
+	rec := httptest.NewRecorder()
+	before := registry.Subscribers()
+	done := make(chan error, 1)
+	go func() { done <- a.events(rec, req) }()
+	waitFor(t, "subscription", func() bool { return registry.Subscribers() == before+1 })
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("events returned %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not end with the client")
+	}
+	if registry.Subscribers() != before {
+		t.Fatal("subscription not released")
+	}
+}
+
+func TestOnlyGET(t *testing.T) {
+	a := new(API)
+	for _, route := range a.Routes() {
+		req := httptest.NewRequest(http.MethodPost, route.Pattern, nil)
+		err := route.Handler.ServeHTTP(httptest.NewRecorder(), req)
+		apiErr, ok := err.(caddy.APIError)
+		if !ok || apiErr.HTTPStatus != http.StatusMethodNotAllowed {
+			t.Errorf("POST %s: %v, want a 405 APIError", route.Pattern, err)
+		}
+	}
+	if _, err := caddy.GetModule("admin.api.waproxy"); err != nil {
+		t.Fatalf("module not registered: %v", err)
+	}
+}
