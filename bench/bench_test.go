@@ -4,10 +4,14 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"math"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -234,7 +238,7 @@ func TestHelloAndFrame(t *testing.T) {
 }
 
 func TestHAProxyConfig(t *testing.T) {
-	cfg := haproxyConfig(4096, "127.0.0.1:4000", "127.0.0.1:5000")
+	cfg := haproxyConfig(4096, "127.0.0.1:4000", "127.0.0.1:5000", "")
 	for _, line := range []string{
 		"maxconn 27500", "tune.bufsize 4096", "mode tcp", "timeout connect 5s",
 		"timeout client 200s", "timeout server 200s", "timeout client-fin 1s",
@@ -244,10 +248,16 @@ func TestHAProxyConfig(t *testing.T) {
 			t.Errorf("HAProxy config lacks %q:\n%s", line, cfg)
 		}
 	}
-	for _, absent := range []string{"send-proxy", "check", "nbproc", "master-worker"} {
+	for _, absent := range []string{"send-proxy", "check", "nbproc", "master-worker", "ssl"} {
 		if strings.Contains(cfg, absent) {
 			t.Errorf("HAProxy config has %q:\n%s", absent, cfg)
 		}
+	}
+	// With a PEM file the frontend terminates TLS, as the official port 443.
+	tlsCfg := haproxyConfig(4096, "127.0.0.1:4000", "127.0.0.1:5000", "/tmp/x/p256.pem")
+	if !strings.Contains(tlsCfg, "    bind 127.0.0.1:4000 ssl crt /tmp/x/p256.pem\n") ||
+		!strings.Contains(tlsCfg, "    tune.bufsize 4096\n") || !strings.Contains(tlsCfg, "    mode tcp\n") {
+		t.Errorf("HAProxy TLS config:\n%s", tlsCfg)
 	}
 }
 
@@ -256,7 +266,7 @@ func TestCaddyConfig(t *testing.T) {
 		if tgt.kind != kindCaddy {
 			continue
 		}
-		raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.routes("127.0.0.1:5000"))
+		raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.routes("127.0.0.1:5000"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -312,9 +322,198 @@ func TestParseFlagsQuick(t *testing.T) {
 	if cfg.rounds != 2 || cfg.duration != time.Second || cfg.idleConns != 500 {
 		t.Errorf("-quick -rounds 2: rounds %d, duration %s, idle %d; want 2, 1s, 500", cfg.rounds, cfg.duration, cfg.idleConns)
 	}
-	for _, bad := range [][]string{{"-targets", "nginx"}, {"-figures", "tls"}, {"-rounds", "0"}, {"stray"}} {
+	if !slices.Equal(cfg.tlsCerts, []string{"p256"}) || cfg.tlsIdleConns != 300 {
+		t.Errorf("-quick: tls certs %v, idle TLS %d; want [p256], 300", cfg.tlsCerts, cfg.tlsIdleConns)
+	}
+	full, err := parseFlags(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(full.figures, []string{"chat", "idle", "bulk", "tls"}) ||
+		!slices.Equal(full.tlsCerts, []string{"rsa2048", "p256", "default"}) || full.tlsGroups != "x25519" {
+		t.Errorf("defaults: figures %v, tls certs %v, groups %s", full.figures, full.tlsCerts, full.tlsGroups)
+	}
+	for _, bad := range [][]string{{"-targets", "nginx"}, {"-figures", "splice"}, {"-rounds", "0"}, {"stray"},
+		{"-tls-certs", "dsa"}, {"-tls-certs", ","}, {"-tls-idle-cert", "ed25519"}, {"-tls-groups", "p384"}, {"-tls-workers", "0"}, {"-idle-frame", "-1"}} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("parseFlags(%q): want an error", bad)
 		}
+	}
+}
+
+func TestGenCert(t *testing.T) {
+	dir := t.TempDir()
+	for kind, want := range map[string]string{"p256": "ECDSA P-256", "rsa2048": "RSA-2048"} {
+		f, err := genCert(dir, kind)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+		if err != nil {
+			t.Fatalf("%s: load cert and key: %v", kind, err)
+		}
+		leaf, err := x509.ParseCertificate(pair.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := keyType(leaf.PublicKey); got != want {
+			t.Errorf("%s: leaf key %s, want %s", kind, got, want)
+		}
+		if leaf.Issuer.CommonName == leaf.Subject.CommonName || !strings.HasSuffix(leaf.Subject.CommonName, ".net") ||
+			!slices.Contains(leaf.DNSNames, tlsServerName) || leaf.IsCA {
+			t.Errorf("%s: leaf subject %q issuer %q SANs %v CA %v; want a <random>.net leaf signed by a CA, naming %s",
+				kind, leaf.Subject.CommonName, leaf.Issuer.CommonName, leaf.DNSNames, leaf.IsCA, tlsServerName)
+		}
+		// HAProxy's file: the key, then the leaf, and no CA.
+		pemData, err := os.ReadFile(f.pem)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.HasPrefix(pemData, []byte("-----BEGIN PRIVATE KEY-----")) || bytes.Count(pemData, []byte("BEGIN CERTIFICATE")) != 1 {
+			t.Errorf("%s: PEM is not key + leaf:\n%s", kind, pemData)
+		}
+		if _, err := tls.X509KeyPair(pemData, pemData); err != nil {
+			t.Errorf("%s: PEM does not load as a key pair: %v", kind, err)
+		}
+	}
+	if _, err := genCert(dir, "dsa"); err == nil {
+		t.Error("genCert(dsa): want an error")
+	}
+}
+
+// A TLS exchange through real sockets: the direct target's TLS edge, the
+// client's configuration and the readiness probe's certificate check.
+func TestTLSEdgeProbe(t *testing.T) {
+	f, err := genCert(t.TempDir(), "p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := startTLSEdge(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx := context.Background()
+	ts := &tlsServe{files: f, want: "ECDSA P-256", client: clientTLS("x25519")}
+	if err := ts.probe(ctx, e.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"TLS 1.3", "X25519", "ECDSA P-256 leaf", "1 certificate(s)"} {
+		if !strings.Contains(ts.negotiated(), want) {
+			t.Errorf("negotiated %q lacks %q", ts.negotiated(), want)
+		}
+	}
+	wrong := &tlsServe{files: f, want: "RSA-2048", client: clientTLS("x25519")}
+	if err := wrong.probe(ctx, e.Addr().String()); err == nil || !strings.Contains(err.Error(), "want RSA-2048") {
+		t.Errorf("probe of a P-256 edge wanting RSA-2048: %v, want a key type error", err)
+	}
+	// The load loop over TLS: every exchange is a full handshake.
+	res := runChat(ctx, ts.dial, e.Addr().String(), 2, 200*time.Millisecond)
+	if res.Conns == 0 || res.Errors > 0 {
+		t.Errorf("TLS exchanges: %d done, %d failed (%s)", res.Conns, res.Errors, res.FirstErr)
+	}
+}
+
+func TestCaddyTLSConfig(t *testing.T) {
+	files := &certFiles{kind: "p256", cert: "/tmp/x/p256.crt", key: "/tmp/x/p256.key"}
+	for _, tc := range []struct {
+		ts   *tlsServe
+		want []string
+	}{
+		{&tlsServe{files: files}, []string{`"load_files":[{"certificate":"/tmp/x/p256.crt","key":"/tmp/x/p256.key"}]`}},
+		{&tlsServe{}, []string{`"automate":["proxy.waproxy.internal"]`, `"module":"internal"`, `"install_trust":false`}},
+	} {
+		for _, tgt := range allTargets() {
+			if tgt.kind != kindCaddy {
+				continue
+			}
+			raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.tlsRoutes("127.0.0.1:5000"), tc.ts.caddyApps())
+			if err != nil {
+				t.Fatal(err)
+			}
+			compact := &bytes.Buffer{}
+			if err := json.Compact(compact, raw); err != nil {
+				t.Fatal(err)
+			}
+			want := append([]string{`"layer4":`, `"handler":"tls"`, `"default_sni":"proxy.waproxy.internal"`}, tc.want...)
+			switch tgt.name {
+			case "caddy-l4":
+				want = append(want, `"tls":{}`, `"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`)
+			case "waproxy":
+				want = append(want, `"wa_silent":`, `"wa_tls":{}`, `"handler":"subroute"`, `"wa_xmpp":{}`,
+					`"destination":"127.0.0.1:5000"`, `"destination":"{l4.wa_tls.server_name}:443"`)
+			}
+			for _, w := range want {
+				if !strings.Contains(compact.String(), w) {
+					t.Errorf("%s TLS config lacks %s: %s", tgt.name, w, compact)
+				}
+			}
+		}
+	}
+}
+
+func TestSteps(t *testing.T) {
+	cfg, err := parseFlags([]string{"-figures", "idle,tls", "-tls-certs", "p256,default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bench{cfg: cfg}
+	direct := &target{name: "direct", kind: kindDirect}
+	ha := &target{name: baseline, kind: kindHAProxy}
+	wa := &target{name: "waproxy", kind: kindCaddy}
+	var got []string
+	for _, s := range b.steps([]*target{wa, direct, ha}) {
+		got = append(got, strings.TrimSuffix(s.fig+" "+s.row+" "+s.t.name, " "))
+	}
+	want := []string{
+		"idle  waproxy", "idle  haproxy-official",
+		"tls p256 waproxy", "tls p256 direct", "tls p256 haproxy-official",
+		"tls default waproxy", "tls default haproxy-official",
+		"tls-idle p256 waproxy", "tls-idle p256 haproxy-official",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("steps:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if got := certsNeeded([]string{"p256", "default"}, "p256", true); !slices.Equal(got, []string{"p256", "rsa4096"}) {
+		t.Errorf("certsNeeded = %v, want [p256 rsa4096]", got)
+	}
+	if got := certsNeeded([]string{"default"}, "rsa2048", false); !slices.Equal(got, []string{"rsa2048"}) {
+		t.Errorf("certsNeeded without HAProxy = %v, want [rsa2048]", got)
+	}
+}
+
+func TestTablesSplitPlainAndTLS(t *testing.T) {
+	ts := []*target{{name: baseline, kind: kindHAProxy}, {name: "waproxy", kind: kindCaddy}}
+	r := newResults(ts, []metric{
+		{key: "chat", label: "chat conn/s", format: formatCount},
+		{key: "tls:p256", label: "TLS conn/s", tls: true, format: formatCount},
+		{key: "tls-idle-heap", label: "Go live heap", tls: true, goOnly: true, format: formatCount},
+	}, 1, nil)
+	r.set("chat", baseline, 0, 100)
+	r.set("chat", "waproxy", 0, 50)
+	r.set("tls:p256", baseline, 0, 10)
+	r.set("tls:p256", "waproxy", 0, 20)
+	r.set("tls-idle-heap", "waproxy", 0, 28000)
+	var out bytes.Buffer
+	r.writeTables(&out)
+	tables := strings.Split(strings.TrimSpace(out.String()), "\n\n")
+	if len(tables) != 2 || !strings.Contains(tables[0], "| chat conn/s | 100 | 50 | 0.50× |") ||
+		strings.Contains(tables[0], "TLS") || !strings.Contains(tables[1], "| TLS conn/s | 10 | 20 | 2.00× |") ||
+		!strings.Contains(tables[1], "| Go live heap | – | 28,000 | – |") {
+		t.Errorf("tables:\n%s", out.String())
+	}
+	out.Reset()
+	r.writeRatios(&out)
+	if strings.Contains(out.String(), "Go live heap") {
+		t.Errorf("ratios list a Go-only row:\n%s", out.String())
+	}
+}
+
+func TestGoroutineTotal(t *testing.T) {
+	if n, err := goroutineTotal("goroutine profile: total 6012\n3000 @ 0x1 0x2\n"); err != nil || n != 6012 {
+		t.Errorf("goroutineTotal = %d, %v; want 6012", n, err)
+	}
+	if _, err := goroutineTotal("<html>"); err == nil {
+		t.Error("goroutineTotal of something else: want an error")
 	}
 }

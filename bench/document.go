@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -15,7 +17,7 @@ import (
 // machine is what the report says about where it ran.
 type machine struct {
 	date, cpu, kernel, memory          string
-	goVersion, haproxy, caddy          string
+	goVersion, haproxy, caddy, openssl string
 	commit, nofile, loadStart, loadEnd string
 	nproc                              int
 	started                            time.Time
@@ -38,6 +40,7 @@ func (m *machine) fill(ctx context.Context, cfg *config) {
 		m.memory = fmt.Sprintf("%.1f GiB", float64(v)/(1<<30))
 	}
 	m.haproxy = firstLine(ctx, cfg.haproxy, "-v")
+	m.openssl = haproxySSL(ctx, cfg.haproxy)
 	m.caddy = firstLine(ctx, cfg.caddy, "version")
 	m.commit = firstLine(ctx, "git", "rev-parse", "--short", "--verify", "-q", "HEAD")
 	if m.commit == "" || strings.Contains(m.commit, "exit status") {
@@ -47,6 +50,20 @@ func (m *machine) fill(ctx context.Context, cfg *config) {
 		m.commit += " (with uncommitted changes)"
 	}
 	m.loadStart = loadavg()
+}
+
+// haproxySSL returns the TLS library HAProxy runs on ("OpenSSL 3.0.x ..."),
+// from the "Running on OpenSSL version : ..." line of `haproxy -vv`.
+func haproxySSL(ctx context.Context, bin string) string {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, _ := exec.CommandContext(cctx, bin, "-vv").CombinedOutput()
+	for _, line := range strings.Split(string(out), "\n") {
+		if _, v, ok := strings.Cut(line, "Running on OpenSSL version :"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
 
 func readFile(path string) string {
@@ -73,7 +90,7 @@ func (b *bench) writeDocument(w io.Writer) {
 	fmt.Fprintf(w, "Medians over rounds; ratios are the median of ratios computed within each round "+
 		"(targets measured side by side, one after another, in the same run). Higher is better for conn/s and MB/s; "+
 		"lower is better for latency, CPU and bytes.\n\n")
-	b.res.writeTable(w)
+	b.res.writeTables(w)
 	var notRun []string
 	for _, t := range b.res.targets {
 		if t.notRun != "" {
@@ -101,9 +118,22 @@ func (b *bench) writeDocument(w io.Writer) {
 		fmt.Fprintf(w, "\n## Bytes per idle chat connection (RSS) by connections held (median)\n\n")
 		b.res.writeGrowth(w)
 	}
+	if b.has("tls") {
+		fmt.Fprintf(w, "\n## TLS certificates\n\n")
+		var kinds []string
+		for k := range b.certs {
+			kinds = append(kinds, certKinds[k])
+		}
+		slices.Sort(kinds)
+		fmt.Fprintf(w, "- generated at the start of the run: %s. For each, a CA and a leaf of that key type, the leaf signed by the CA, `CN=<random>.net` with the SAN `%s`, as the official proxy's generate-certs.sh makes them; HAProxy loads key + leaf from one PEM (no CA, as the official proxy's), Caddy the same leaf and key with `load_files`, the direct TLS edge with Go's crypto/tls.\n",
+			strings.Join(kinds, ", "), tlsServerName)
+		if slices.Contains(b.cfg.tlsCerts, "default") || b.cfg.tlsIdleCert == "default" {
+			fmt.Fprintf(w, "- each one's default: HAProxy serves the RSA-4096 certificate above (the official proxy's generate-certs.sh makes RSA-4096 at start); the Caddy targets get theirs from Caddy's internal CA (`tls.automation` with the `internal` issuer for `%s`, as examples/tls.Caddyfile), issued by certmagic at start: an ECDSA P-256 leaf and its intermediate.\n", tlsServerName)
+		}
+	}
 	fmt.Fprintf(w, "\n## Machine\n\n")
 	fmt.Fprintf(w, "- %d CPUs (%s), %s RAM, Linux %s\n", m.nproc, m.cpu, m.memory, m.kernel)
-	fmt.Fprintf(w, "- %s; %s; Caddy %s\n", m.goVersion, m.haproxy, m.caddy)
+	fmt.Fprintf(w, "- %s; %s (TLS: %s); Caddy %s\n", m.goVersion, m.haproxy, m.openssl, m.caddy)
 	fmt.Fprintf(w, "- commit %s\n", m.commit)
 	fmt.Fprintf(w, "- load average at start %s, at end %s (the bench's own load included at the end); RLIMIT_NOFILE %s\n",
 		m.loadStart, m.loadEnd, m.nofile)
@@ -139,8 +169,23 @@ func (b *bench) writeMethod(w io.Writer) {
 		lines = append(lines, fmt.Sprintf("**Bytes per idle connection**: on a freshly started proxy, 32 warm-up connections are made and closed, then the proxy's memory is read once its RSS is stable (5 readings 200 ms apart within 128 KiB or 0.2%%, at most %s). Then %s connections are opened (64 at a time), each fully established through the proxy (hello sent and echoed), memory is read again once stable at %s held; (after − before) / held. RSS is VmRSS from /proc/PID/status; PSS from /proc/PID/smaps_rollup. Both are user-space memory only; the kernel's socket memory is not counted (for any target). HAProxy is one process (`-db`), Caddy is one process. At the end a 100-byte frame is sent on every held connection and its echo checked; a run where any held connection fails is discarded.",
 			cfg.stableMax, formatCount(float64(cfg.idleConns)), joinCounts(cp)))
 	}
+	if cfg.idleFrame > 0 && (b.has("idle") || b.has("tls")) {
+		lines = append(lines, fmt.Sprintf("**-idle-frame %d**: in both idle figures each held connection, after its hello, also carried one frame of %s payload bytes (echoed and checked) before it was left idle.", cfg.idleFrame, formatCount(float64(cfg.idleFrame))))
+	}
 	if b.has("bulk") {
 		lines = append(lines, fmt.Sprintf("**Plain MB/s**: %d connections, each sends the hello, then the edge writes 64 KiB chunks as fast as it can; the client reads with 64 KiB buffers. %s of warm-up, then the bytes arriving at the client in %s are counted (1 MB = 10^6 bytes). Proxy CPU per GB is the proxy process's CPU time over the whole run, warm-up included, divided by all bytes that arrived.", cfg.streams, warm, cfg.duration))
+	}
+	if b.has("tls") {
+		groups := "X25519 only, so that every target does the same key exchange (HAProxy 2.6 on OpenSSL 3.0 has no post-quantum group; Go servers would pick X25519MLKEM768)"
+		if cfg.tlsGroups == "default" {
+			groups = "Go's default list (X25519MLKEM768 first), so each server picks what it prefers"
+		}
+		lines = append(lines,
+			"**TLS targets**: every proxy terminates TLS and sends the decrypted chat stream to the echo edge. **haproxy-official** / **haproxy-16k**: the same configs as above with `bind <addr> ssl crt <pem>` (the official proxy's port 443); **caddy-l4**: caddy-l4's `tls` matcher, `tls` handler and `proxy`; **waproxy**: the routes of examples/tls.Caddyfile (wa_silent; wa_tls or wa_xmpp into a subroute: media passthrough by server name, Caddy's `tls` handler for any other TLS, `wa_xmpp` → `wa_proxy` on the decrypted stream, a catch-all) with the edge as the destination; both Caddy targets with `default_sni`/`fallback_sni` "+tlsServerName+"; **direct**: a TLS echo server in the bench process (Go's crypto/tls) with the same certificate.",
+			fmt.Sprintf("**TLS client**: as WhatsApp's on port 443, no server name (it connects to an IP address) and no certificate check; no session cache, so every connection is a full handshake (no resumption). Key exchange groups offered: %s. Each run's readiness probe checks that the target presents the certificate type of its row and records the version, cipher suite and group it negotiated (per-run details below).", groups),
+			fmt.Sprintf("**TLS conn/s**: %d workers, each in a loop: connect, full handshake, send the hello and one 100-byte frame in one write, read the full echo, close; %s of warm-up, then %s measured, on a fresh process per certificate row. Proxy CPU per TLS connection as for chat. Rows with the same certificate for every target are the fair comparison; the default row compares what each ships with.", cfg.tlsWorkers, warm, cfg.duration),
+			fmt.Sprintf("**Bytes per idle TLS connection**: on a fresh process (%s), 32 warm-up TLS connections made and closed, RSS read once stable (as for the chat figure); then %s TLS connections opened (32 handshakes at a time), each with its hello sent and echoed through the proxy and then left idle (the proxy waits to read from the client's TLS connection and from the upstream socket); RSS read again once stable; (after − before) / held. For the Caddy targets, right after each of the two RSS readings a garbage collection is forced (`/debug/pprof/heap?gc=1` on the admin endpoint) and Go's own figures are read (StackInuse and HeapAlloc from /debug/vars, the goroutine count from /debug/pprof/goroutine): their differences per connection are the Go stacks, live heap and goroutines rows. RSS is not their sum: heap garbage not yet collected counts in RSS (how much depends on where the collector's cycle stands when RSS is read), and the pages of a buffer that were never written are not resident. At the end a frame is sent on every held connection and its echo checked.",
+				tlsRowLabel(cfg.tlsIdleCert), formatCount(float64(cfg.tlsIdleConns))))
 	}
 	for _, l := range lines {
 		fmt.Fprintf(w, "- %s\n", l)

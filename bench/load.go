@@ -159,11 +159,7 @@ func (e *edge) probe(ctx context.Context, addr string) error {
 	putHello(hello, r)
 	d := &net.Dialer{Timeout: time.Second}
 	if !e.bulk {
-		c, err := establish(ctx, d, addr, hello, make([]byte, helloLen))
-		if err != nil {
-			return err
-		}
-		return c.Close()
+		return chatOnce(ctx, d, dialTCP, addr, hello, make([]byte, helloLen))
 	}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -197,24 +193,46 @@ func (e *edge) close() {
 	e.wg.Wait()
 }
 
+// connector opens a connection to a target the way a client does: plain TCP
+// (a chat client on port 5222) or TLS on top (a chat client on port 443).
+// The connection it returns has no deadline set.
+type connector func(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error)
+
+// dialTCP is the plain connector.
+func dialTCP(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error) {
+	return d.DialContext(ctx, "tcp", addr)
+}
+
 // chatOnce runs one chat exchange: connect, send out, read its echo, close.
-func chatOnce(ctx context.Context, d *net.Dialer, addr string, out, in []byte) error {
-	c, err := d.DialContext(ctx, "tcp", addr)
+func chatOnce(ctx context.Context, d *net.Dialer, dial connector, addr string, out, in []byte) error {
+	c, err := exchange(ctx, d, dial, addr, out, in)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	return c.Close()
+}
+
+// exchange connects with dial, sends out and reads its echo (checked byte for
+// byte), and returns the open connection with no deadline set.
+func exchange(ctx context.Context, d *net.Dialer, dial connector, addr string, out, in []byte) (net.Conn, error) {
+	c, err := dial(ctx, d, addr)
+	if err != nil {
+		return nil, err
+	}
 	c.SetDeadline(time.Now().Add(opTimeout))
-	if _, err := c.Write(out); err != nil {
-		return fmt.Errorf("write: %w", err)
+	if _, err = c.Write(out); err != nil {
+		err = fmt.Errorf("write: %w", err)
+	} else if _, err = io.ReadFull(c, in[:len(out)]); err != nil {
+		err = fmt.Errorf("read echo: %w", err)
+	} else if !bytes.Equal(in[:len(out)], out) {
+		err = errors.New("echo differs from what was sent")
 	}
-	if _, err := io.ReadFull(c, in[:len(out)]); err != nil {
-		return fmt.Errorf("read echo: %w", err)
+	if err != nil {
+		c.Close()
+		return nil, err
 	}
-	if !bytes.Equal(in[:len(out)], out) {
-		return errors.New("echo differs from what was sent")
-	}
-	return nil
+	c.SetDeadline(time.Time{})
+	return c, nil
 }
 
 // chatResult is what a chat load run measured.
@@ -235,9 +253,10 @@ func (r chatResult) rate() float64 {
 }
 
 // runChat runs workers concurrent loops of chatOnce (hello + one 100-byte
-// frame) against addr for d. Each worker starts no new exchange after d,
-// and every exchange is bounded by opTimeout.
-func runChat(ctx context.Context, addr string, workers int, d time.Duration) chatResult {
+// frame), each connection opened with dial, against addr for d. Each worker
+// starts no new exchange after d, and every exchange is bounded by opTimeout
+// (a TLS handshake included).
+func runChat(ctx context.Context, dial connector, addr string, workers int, d time.Duration) chatResult {
 	var (
 		mu  sync.Mutex
 		res chatResult
@@ -264,7 +283,7 @@ func runChat(ctx context.Context, addr string, workers int, d time.Duration) cha
 			for ctx.Err() == nil && time.Now().Before(stop) {
 				putHello(out, r)
 				t0 := time.Now()
-				if err := chatOnce(ctx, dialer, addr, out, in); err != nil {
+				if err := chatOnce(ctx, dialer, dial, addr, out, in); err != nil {
 					nerr++
 					if firstErr == nil {
 						firstErr = err
@@ -391,14 +410,15 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 
 // idlePool holds established chat connections open.
 type idlePool struct {
+	frame    int // when > 0, each connection also carries a frame of this many payload bytes before it idles
 	conns    []net.Conn
 	errors   int
 	firstErr string
 }
 
-// open establishes n more connections to addr, each with its hello sent and
-// echoed, conc at a time; it stops early when ctx ends.
-func (p *idlePool) open(ctx context.Context, addr string, n, conc int) {
+// open establishes n more connections to addr with dial, each with its
+// hello sent and echoed, conc at a time; it stops early when ctx ends.
+func (p *idlePool) open(ctx context.Context, dial connector, addr string, n, conc int) {
 	var (
 		mu   sync.Mutex
 		wg   sync.WaitGroup
@@ -411,10 +431,17 @@ func (p *idlePool) open(ctx context.Context, addr string, n, conc int) {
 			r := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
 			dialer := &net.Dialer{Timeout: opTimeout}
 			hello := make([]byte, helloLen)
-			in := make([]byte, helloLen)
+			if p.frame > 0 {
+				payload := make([]byte, p.frame)
+				for i := range payload {
+					payload[i] = byte(r.Uint32())
+				}
+				hello = appendFrame(hello, payload)
+			}
+			in := make([]byte, len(hello))
 			for ctx.Err() == nil && next.Add(1) <= int64(n) {
 				putHello(hello, r)
-				c, err := establish(ctx, dialer, addr, hello, in)
+				c, err := exchange(ctx, dialer, dial, addr, hello, in)
 				mu.Lock()
 				if err != nil {
 					p.errors++
@@ -429,27 +456,6 @@ func (p *idlePool) open(ctx context.Context, addr string, n, conc int) {
 		}()
 	}
 	wg.Wait()
-}
-
-// establish dials addr, sends hello and reads its echo, and returns the open
-// connection with no deadline set.
-func establish(ctx context.Context, d *net.Dialer, addr string, hello, in []byte) (net.Conn, error) {
-	c, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	c.SetDeadline(time.Now().Add(opTimeout))
-	if _, err = c.Write(hello); err == nil {
-		if _, err = io.ReadFull(c, in[:len(hello)]); err == nil && !bytes.Equal(in[:len(hello)], hello) {
-			err = errors.New("echo differs from what was sent")
-		}
-	}
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	c.SetDeadline(time.Time{})
-	return c, nil
 }
 
 // alive sends a 100-byte frame on every held connection, conc at a time, and

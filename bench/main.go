@@ -3,10 +3,13 @@
 // Command bench measures caddy-waproxy side by side with the official
 // WhatsApp proxy's setup (HAProxy 2.6 in TCP mode, shaped like its config),
 // HAProxy with 16 KiB buffers, stock caddy-l4 and a direct connection, on
-// WhatsApp-shaped traffic over loopback, and writes a markdown report.
+// WhatsApp-shaped traffic over loopback, plain and with TLS terminated by
+// the proxy (HAProxy `bind ... ssl crt`, as the official port 443), and
+// writes a markdown report.
 //
-//	go run ./bench -caddy ./caddy                 # the full comparison, under 15 minutes
-//	go run ./bench -caddy ./caddy -quick          # about a minute: a smoke test of the harness
+//	go run ./bench -caddy ./caddy                 # the full comparison, about 9 minutes on 2 cores
+//	go run ./bench -caddy ./caddy -quick          # under a minute: a smoke test of the harness
+//	go run ./bench -caddy ./caddy -figures tls    # the TLS figures only
 //
 // Every target proxies to an edge that the bench runs itself on 127.0.0.1.
 // Targets are alternated within each round, each run gets a freshly started
@@ -17,6 +20,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,11 +40,19 @@ type config struct {
 	duration            time.Duration
 	workers, streams    int
 	idleConns           int
+	idleFrame           int
 	stableMax           time.Duration
 	maxTime             time.Duration
 	targets, figures    []string
 	quick, keep         bool
 	args                []string
+
+	// the tls figure
+	tlsCerts     []string // rows: rsa2048, rsa4096, p256, default
+	tlsIdleCert  string   // the row the idle TLS figure uses
+	tlsIdleConns int
+	tlsWorkers   int
+	tlsGroups    string // x25519 or default
 }
 
 func main() {
@@ -86,7 +98,7 @@ func run() int {
 		return 1
 	}
 	fmt.Println()
-	b.res.writeTable(os.Stdout)
+	b.res.writeTables(os.Stdout)
 	for _, t := range b.res.targets {
 		if t.notRun != "" {
 			fmt.Printf("\n%s not run: %s", t.name, t.notRun)
@@ -114,11 +126,17 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&cfg.workers, "workers", 32, "concurrent chat workers")
 	fs.IntVar(&cfg.streams, "streams", 16, "concurrent throughput streams")
 	fs.IntVar(&cfg.idleConns, "idle-conns", 9000, "connections held for the idle memory figure")
+	fs.IntVar(&cfg.idleFrame, "idle-frame", 0, "idle figures: each held connection first carries a frame of this many bytes (0: the hello only)")
 	fs.DurationVar(&cfg.stableMax, "stable-wait", 20*time.Second, "longest wait for a proxy's RSS to settle")
 	fs.DurationVar(&cfg.maxTime, "max-time", 14*time.Minute, "time budget; no new run starts after it")
 	targets := fs.String("targets", "direct,haproxy-official,haproxy-16k,caddy-l4,waproxy", "targets to run, in round order")
-	figures := fs.String("figures", "chat,idle,bulk", "figures to measure: chat (conn/s, latency), idle (bytes per connection), bulk (MB/s)")
-	fs.BoolVar(&cfg.quick, "quick", false, "smoke test: 1 round, 1s runs, 500 idle connections (explicit flags win)")
+	figures := fs.String("figures", "chat,idle,bulk,tls", "figures to measure: chat (conn/s, latency), idle (bytes per connection), bulk (MB/s), tls (TLS conn/s and bytes per idle TLS connection)")
+	tlsCerts := fs.String("tls-certs", "rsa2048,p256,default", "tls figure: certificate rows for TLS conn/s (rsa2048, rsa4096, p256: every target serves the same; default: each target's own)")
+	fs.StringVar(&cfg.tlsIdleCert, "tls-idle-cert", "p256", "tls figure: the certificate row of the idle TLS figure")
+	fs.IntVar(&cfg.tlsIdleConns, "tls-idle-conns", 3000, "tls figure: TLS connections held for the idle TLS figure")
+	fs.IntVar(&cfg.tlsWorkers, "tls-workers", 8, "tls figure: concurrent TLS workers (a handshake is CPU-bound)")
+	fs.StringVar(&cfg.tlsGroups, "tls-groups", "x25519", "tls figure: key exchange groups the client offers (x25519, or default: Go's list, with X25519MLKEM768)")
+	fs.BoolVar(&cfg.quick, "quick", false, "smoke test: 1 round, 1s runs, 500 idle connections, 300 idle TLS connections, P-256 row only (explicit flags win)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the temporary directory with the configs and logs")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -130,11 +148,13 @@ func parseFlags(args []string) (*config, error) {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		quick := map[string]func(){
-			"rounds":      func() { cfg.rounds = 1 },
-			"duration":    func() { cfg.duration = time.Second },
-			"idle-conns":  func() { cfg.idleConns = 500 },
-			"stable-wait": func() { cfg.stableMax = 5 * time.Second },
-			"max-time":    func() { cfg.maxTime = 3 * time.Minute },
+			"rounds":         func() { cfg.rounds = 1 },
+			"duration":       func() { cfg.duration = time.Second },
+			"idle-conns":     func() { cfg.idleConns = 500 },
+			"stable-wait":    func() { cfg.stableMax = 5 * time.Second },
+			"max-time":       func() { cfg.maxTime = 3 * time.Minute },
+			"tls-certs":      func() { *tlsCerts = "p256" },
+			"tls-idle-conns": func() { cfg.tlsIdleConns = 300 },
 		}
 		for name, apply := range quick {
 			if !set[name] {
@@ -159,10 +179,23 @@ func parseFlags(args []string) (*config, error) {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
 		}
-		if s != "chat" && s != "idle" && s != "bulk" {
-			return nil, fmt.Errorf("unknown figure %q in -figures (chat, idle, bulk)", s)
+		if !slices.Contains([]string{"chat", "idle", "bulk", "tls"}, s) {
+			return nil, fmt.Errorf("unknown figure %q in -figures (chat, idle, bulk, tls)", s)
 		}
-		cfg.figures = append(cfg.figures, s)
+		if !slices.Contains(cfg.figures, s) {
+			cfg.figures = append(cfg.figures, s)
+		}
+	}
+	for _, s := range strings.Split(*tlsCerts, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if !slices.Contains(tlsRowNames, s) {
+			return nil, fmt.Errorf("unknown certificate %q in -tls-certs (%s)", s, strings.Join(tlsRowNames, ", "))
+		}
+		if !slices.Contains(cfg.tlsCerts, s) {
+			cfg.tlsCerts = append(cfg.tlsCerts, s)
+		}
 	}
 	switch {
 	case len(cfg.targets) == 0:
@@ -179,10 +212,22 @@ func parseFlags(args []string) (*config, error) {
 		return nil, fmt.Errorf("-streams %d: want 1 to 256", cfg.streams)
 	case cfg.idleConns < 9 || cfg.idleConns > 100000:
 		return nil, fmt.Errorf("-idle-conns %d: want 9 to 100000", cfg.idleConns)
+	case cfg.idleFrame < 0 || cfg.idleFrame > 1<<20:
+		return nil, fmt.Errorf("-idle-frame %d: want 0 to 1048576", cfg.idleFrame)
 	case cfg.stableMax < time.Second || cfg.stableMax > 5*time.Minute:
 		return nil, fmt.Errorf("-stable-wait %s: want 1s to 5m", cfg.stableMax)
 	case cfg.maxTime < 10*time.Second || cfg.maxTime > 2*time.Hour:
 		return nil, fmt.Errorf("-max-time %s: want 10s to 2h", cfg.maxTime)
+	case slices.Contains(cfg.figures, "tls") && len(cfg.tlsCerts) == 0:
+		return nil, errors.New("-tls-certs names no certificate")
+	case !slices.Contains(tlsRowNames, cfg.tlsIdleCert):
+		return nil, fmt.Errorf("-tls-idle-cert %q: want one of %s", cfg.tlsIdleCert, strings.Join(tlsRowNames, ", "))
+	case cfg.tlsIdleConns < 1 || cfg.tlsIdleConns > 100000:
+		return nil, fmt.Errorf("-tls-idle-conns %d: want 1 to 100000", cfg.tlsIdleConns)
+	case cfg.tlsWorkers < 1 || cfg.tlsWorkers > 1024:
+		return nil, fmt.Errorf("-tls-workers %d: want 1 to 1024", cfg.tlsWorkers)
+	case cfg.tlsGroups != "x25519" && cfg.tlsGroups != "default":
+		return nil, fmt.Errorf("-tls-groups %q: want x25519 or default", cfg.tlsGroups)
 	}
 	return cfg, nil
 }
@@ -200,9 +245,13 @@ func raiseNoFile(cfg *config) (string, error) {
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
 		return "", fmt.Errorf("raise RLIMIT_NOFILE to %d: %w", rl.Max, err)
 	}
-	need := uint64(2*cfg.idleConns + 4*cfg.workers + 2*cfg.streams + 512)
+	held := cfg.idleConns
+	if slices.Contains(cfg.figures, "tls") {
+		held = max(held, cfg.tlsIdleConns)
+	}
+	need := uint64(2*held + 4*max(cfg.workers, cfg.tlsWorkers) + 2*cfg.streams + 512)
 	if need > rl.Cur {
-		return "", fmt.Errorf("RLIMIT_NOFILE is %d, and -idle-conns %d needs about %d descriptors (client and edge ends); lower -idle-conns", rl.Cur, cfg.idleConns, need)
+		return "", fmt.Errorf("RLIMIT_NOFILE is %d, and %d idle connections need about %d descriptors (client and edge ends); lower -idle-conns or -tls-idle-conns", rl.Cur, held, need)
 	}
 	return fmt.Sprintf("%d (soft = hard)", rl.Cur), nil
 }
@@ -219,6 +268,8 @@ type bench struct {
 	deadline    time.Time
 	roundsDone  int
 	interrupted string
+	certs       map[string]*certFiles // the tls figure's generated certificates, by kind
+	tlsClient   *tls.Config
 }
 
 func newBench(ctx context.Context, cfg *config) (*bench, error) {
@@ -241,11 +292,24 @@ func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	slices.SortStableFunc(ts, func(a, c *target) int {
 		return slices.Index(cfg.targets, a.name) - slices.Index(cfg.targets, c.name)
 	})
-	resolveTargets(ctx, ts, b.bin)
+	resolveTargets(ctx, ts, b.bin, b.has("tls"))
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	var err error
 	if b.dir, err = os.MkdirTemp("", "waproxy-bench-"); err != nil {
 		return nil, err
+	}
+	if b.has("tls") {
+		b.tlsClient = clientTLS(cfg.tlsGroups)
+		b.certs = map[string]*certFiles{}
+		haproxy := slices.ContainsFunc(ts, func(t *target) bool { return t.kind == kindHAProxy && t.notRun == "" })
+		for _, kind := range certsNeeded(cfg.tlsCerts, cfg.tlsIdleCert, haproxy) {
+			t0 := time.Now()
+			if b.certs[kind], err = genCert(b.dir, kind); err != nil {
+				b.close()
+				return nil, fmt.Errorf("generate a %s certificate: %w", kind, err)
+			}
+			b.logf("generated a %s certificate (CA and leaf) in %s", certKinds[kind], time.Since(t0).Round(time.Millisecond))
+		}
 	}
 	if b.echo, err = startEdge(false, 0); err == nil {
 		b.bulk, err = startEdge(true, 2*cfg.duration+2*opTimeout)
@@ -297,6 +361,24 @@ func (b *bench) metrics() []metric {
 			vsDirect: true, format: formatCount},
 			metric{key: "bulk-cpu", label: "proxy CPU per GB relayed, ms", proxyOnly: true, format: formatCount})
 	}
+	if b.has("tls") {
+		for _, row := range b.cfg.tlsCerts {
+			same := row != "default"
+			ms = append(ms, metric{key: "tls:" + row, tls: true,
+				label:    fmt.Sprintf("TLS conn/s, %s, %d workers, %s", tlsRowLabel(row), b.cfg.tlsWorkers, b.cfg.duration),
+				vsDirect: same, proxyOnly: !same, format: formatCount})
+		}
+		for _, row := range b.cfg.tlsCerts {
+			ms = append(ms, metric{key: "tls-cpu:" + row, tls: true, label: "proxy CPU per TLS connection, µs, " + tlsRowLabel(row),
+				proxyOnly: true, format: formatCount})
+		}
+		idle := fmt.Sprintf("%s held, %s", formatCount(float64(b.cfg.tlsIdleConns)), tlsRowLabel(b.cfg.tlsIdleCert))
+		ms = append(ms,
+			metric{key: "tls-idle", tls: true, label: "bytes per idle TLS connection, RSS (" + idle + ")", proxyOnly: true, format: formatCount},
+			metric{key: "tls-idle-stack", tls: true, label: "Go stacks per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
+			metric{key: "tls-idle-heap", tls: true, label: "Go live heap per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
+			metric{key: "tls-idle-goroutines", tls: true, label: "goroutines per idle TLS connection", goOnly: true, format: formatFrac})
+	}
 	return ms
 }
 
@@ -331,30 +413,75 @@ func (b *bench) runAll(ctx context.Context) {
 			names = append(names, t.name)
 		}
 		b.res.orders = append(b.res.orders, names)
-		for _, fig := range b.cfg.figures {
-			for _, t := range order {
-				if ctx.Err() != nil {
-					b.interrupted = fmt.Sprintf("; interrupted in round %d (%v)", round+1, context.Cause(ctx))
-					return
-				}
-				if time.Now().After(b.deadline) {
-					b.interrupted = fmt.Sprintf("; time budget (-max-time %s) spent in round %d", b.cfg.maxTime, round+1)
-					return
-				}
-				switch fig {
-				case "chat":
-					b.runChat(ctx, round, t)
-				case "idle":
-					if t.kind != kindDirect {
-						b.runIdle(ctx, round, t)
-					}
-				case "bulk":
-					b.runBulk(ctx, round, t)
-				}
+		for _, s := range b.steps(order) {
+			if ctx.Err() != nil {
+				b.interrupted = fmt.Sprintf("; interrupted in round %d (%v)", round+1, context.Cause(ctx))
+				return
+			}
+			if time.Now().After(b.deadline) {
+				b.interrupted = fmt.Sprintf("; time budget (-max-time %s) spent in round %d", b.cfg.maxTime, round+1)
+				return
+			}
+			switch s.fig {
+			case "chat":
+				b.runChat(ctx, round, s.t)
+			case "idle":
+				b.runIdle(ctx, round, s.t)
+			case "bulk":
+				b.runBulk(ctx, round, s.t)
+			case "tls":
+				b.runTLS(ctx, round, s.t, s.row)
+			case "tls-idle":
+				b.runTLSIdle(ctx, round, s.t)
 			}
 		}
 		b.roundsDone++
 	}
+}
+
+// step is one run of a round: a figure for a target (and for the tls
+// figure, a certificate row).
+type step struct {
+	fig string // chat, idle, bulk, tls, tls-idle
+	t   *target
+	row string
+}
+
+// steps lists a round's runs in order: figure by figure, and within the tls
+// figure certificate row by row, every target in turn, so that the runs
+// whose ratios are taken follow one another; then the idle TLS runs.
+// Targets without a value for a figure (direct for idle ones, direct for
+// the default certificate) have no step.
+func (b *bench) steps(order []*target) []step {
+	var out []step
+	for _, fig := range b.cfg.figures {
+		switch fig {
+		case "tls":
+			for _, row := range b.cfg.tlsCerts {
+				for _, t := range order {
+					if row != "default" || t.kind != kindDirect {
+						out = append(out, step{fig: "tls", t: t, row: row})
+					}
+				}
+			}
+			for _, t := range order {
+				if t.kind != kindDirect {
+					out = append(out, step{fig: "tls-idle", t: t, row: b.cfg.tlsIdleCert})
+				}
+			}
+		case "idle":
+			for _, t := range order {
+				if t.kind != kindDirect {
+					out = append(out, step{fig: fig, t: t})
+				}
+			}
+		default:
+			for _, t := range order {
+				out = append(out, step{fig: fig, t: t})
+			}
+		}
+	}
+	return out
 }
 
 func (b *bench) logf(format string, args ...any) {

@@ -16,6 +16,8 @@ type metric struct {
 	key       string
 	label     string
 	proxyOnly bool // a direct connection has no value (no proxy process)
+	goOnly    bool // only Go (Caddy) processes have a value
+	tls       bool // a row of the tls figure (its own table)
 	vsDirect  bool // the ratio against direct means something
 	format    func(float64) string
 }
@@ -150,6 +152,14 @@ func formatCount(x float64) string {
 	return b.String()
 }
 
+// formatFrac prints x with two decimals.
+func formatFrac(x float64) string {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", x)
+}
+
 // formatMS prints milliseconds with two decimals.
 func formatMS(x float64) string {
 	if math.IsNaN(x) {
@@ -163,7 +173,7 @@ func (r *results) cell(m metric, t *target) string {
 	switch {
 	case t.notRun != "":
 		return "not run"
-	case m.proxyOnly && t.kind == kindDirect:
+	case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
 		return "–"
 	}
 	v := median(r.vals[m.key][t.name])
@@ -186,9 +196,39 @@ func (r *results) hasTarget(name string) bool {
 	return false
 }
 
-// writeTable writes the main table: medians, then waproxy's ratios against
-// the official HAProxy setup and against direct.
-func (r *results) writeTable(w io.Writer) {
+// sections splits the metrics into the plain table and the TLS table (each
+// only when it has rows).
+func (r *results) sections() [][]metric {
+	var plain, withTLS []metric
+	for _, m := range r.metrics {
+		if m.tls {
+			withTLS = append(withTLS, m)
+		} else {
+			plain = append(plain, m)
+		}
+	}
+	var out [][]metric
+	for _, ms := range [][]metric{plain, withTLS} {
+		if len(ms) > 0 {
+			out = append(out, ms)
+		}
+	}
+	return out
+}
+
+// writeTables writes the main table of each section, a blank line apart.
+func (r *results) writeTables(w io.Writer) {
+	for i, ms := range r.sections() {
+		if i > 0 {
+			fmt.Fprintln(w)
+		}
+		r.writeTable(w, ms)
+	}
+}
+
+// writeTable writes a main table for metrics ms: medians, then waproxy's
+// ratios against the official HAProxy setup and against direct.
+func (r *results) writeTable(w io.Writer, ms []metric) {
 	head := []string{"figure"}
 	for _, t := range r.targets {
 		head = append(head, t.name)
@@ -202,7 +242,7 @@ func (r *results) writeTable(w io.Writer) {
 	}
 	writeRow(w, head)
 	writeRow(w, dashes(len(head)))
-	for _, m := range r.metrics {
+	for _, m := range ms {
 		row := []string{m.label}
 		for _, t := range r.targets {
 			row = append(row, r.cell(m, t))
@@ -237,6 +277,9 @@ func (r *results) writeRatios(w io.Writer) {
 	writeRow(w, head)
 	writeRow(w, dashes(len(head)))
 	for _, m := range r.metrics {
+		if m.goOnly {
+			continue // HAProxy has no such figure
+		}
 		row := []string{m.label}
 		for _, t := range others {
 			if m.proxyOnly && t.kind == kindDirect {
@@ -287,7 +330,7 @@ func (r *results) writeRaw(w io.Writer) {
 				switch {
 				case t.notRun != "":
 					row = append(row, "not run")
-				case m.proxyOnly && t.kind == kindDirect:
+				case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
 					row = append(row, "–")
 				case math.IsNaN(v):
 					row = append(row, "–")

@@ -10,12 +10,12 @@ import (
 	"time"
 )
 
-// start starts a fresh instance of t in front of e, again with another
-// port if the one it picked was taken in between.
-func (b *bench) start(ctx context.Context, t *target, e *edge) (*proc, error) {
+// start starts a fresh instance of t in front of e (terminating TLS with
+// ts), again with another port if the one it picked was taken in between.
+func (b *bench) start(ctx context.Context, t *target, e *edge, ts *tlsServe) (*proc, error) {
 	for attempt := 1; ; attempt++ {
 		b.seq++
-		p, err := t.start(ctx, b.dir, b.seq, b.bin, e)
+		p, err := t.start(ctx, b.dir, b.seq, b.bin, e, ts)
 		if !addrInUse(err) || attempt == 3 {
 			return p, err
 		}
@@ -37,72 +37,158 @@ func cpuSince(p *proc) func() (time.Duration, bool) {
 	}
 }
 
+// exchanges says what a run of chat exchanges measures and where its
+// numbers go: the metric keys ("" leaves a number out).
+type exchanges struct {
+	fig            string    // for the report: "chat", "tls p256", ...
+	ts             *tlsServe // nil: plain chat; else over TLS
+	workers        int
+	rate, p50, p99 string // metric keys
+	cpu            string
+}
+
 // runChat measures chat conn/s and connect-to-echo latency on a fresh
 // instance of t.
 func (b *bench) runChat(ctx context.Context, round int, t *target) {
-	p, err := b.start(ctx, t, b.echo)
+	b.runExchanges(ctx, round, t, exchanges{fig: "chat", workers: b.cfg.workers,
+		rate: "chat", p50: "p50", p99: "p99", cpu: "chat-cpu"})
+}
+
+// runTLS measures TLS conn/s (a full handshake, then the chat exchange) on a
+// fresh instance of t serving row's certificate.
+func (b *bench) runTLS(ctx context.Context, round int, t *target, row string) {
+	ts := b.serve(row, t)
+	if ts == nil {
+		return
+	}
+	b.runExchanges(ctx, round, t, exchanges{fig: "tls " + row, ts: ts, workers: b.cfg.tlsWorkers,
+		rate: "tls:" + row, cpu: "tls-cpu:" + row})
+}
+
+// runExchanges runs workers loops of chat exchanges (connect, hello + one
+// frame, echo, close) on a fresh instance of t: a warm-up, then the
+// measured part.
+func (b *bench) runExchanges(ctx context.Context, round int, t *target, x exchanges) {
+	p, err := b.start(ctx, t, b.echo, x.ts)
 	if err != nil {
-		b.fail(round, t, "chat", err)
+		b.fail(round, t, x.fig, err)
 		return
 	}
 	defer p.stop()
+	dial := dialTCP
+	if x.ts != nil {
+		dial = x.ts.dial
+	}
 	fds0, _ := p.fds()
-	runChat(ctx, p.addr, b.cfg.workers, b.warm())
+	runChat(ctx, dial, p.addr, x.workers, b.warm())
 	cpuUsed := cpuSince(p)
-	res := runChat(ctx, p.addr, b.cfg.workers, b.cfg.duration)
+	res := runChat(ctx, dial, p.addr, x.workers, b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
 	switch {
 	case !p.alive():
-		b.fail(round, t, "chat", fmt.Errorf("process died during the run%s", p.logTail(5)))
+		b.fail(round, t, x.fig, fmt.Errorf("process died during the run%s", p.logTail(5)))
 		return
 	case res.Conns == 0:
-		b.fail(round, t, "chat", fmt.Errorf("no exchange completed: %s", res.FirstErr))
+		b.fail(round, t, x.fig, fmt.Errorf("no exchange completed: %s", res.FirstErr))
 		return
 	}
 	p50 := percentile(res.Latency, 50)
 	p99 := percentile(res.Latency, 99)
-	b.res.set("chat", t.name, round, res.rate())
-	b.res.set("p50", t.name, round, float64(p50)/1e6)
-	b.res.set("p99", t.name, round, float64(p99)/1e6)
+	b.res.set(x.rate, t.name, round, res.rate())
+	if x.p50 != "" {
+		b.res.set(x.p50, t.name, round, float64(p50)/1e6)
+	}
+	if x.p99 != "" {
+		b.res.set(x.p99, t.name, round, float64(p99)/1e6)
+	}
 	msg := fmt.Sprintf("%s conn/s (%d in %.2fs), p50 %s, p99 %s", formatCount(res.rate()), res.Conns,
 		res.Elapsed.Seconds(), p50.Round(time.Microsecond), p99.Round(time.Microsecond))
 	if cpuOK {
-		b.res.set("chat-cpu", t.name, round, float64(cpu.Microseconds())/float64(res.Conns))
+		b.res.set(x.cpu, t.name, round, float64(cpu.Microseconds())/float64(res.Conns))
 		msg += fmt.Sprintf(", proxy CPU %s", cpu)
+	}
+	if x.ts != nil {
+		msg += "; " + x.ts.negotiated()
 	}
 	if res.Errors > 0 {
 		msg += fmt.Sprintf("; %d failed exchanges, first: %s", res.Errors, res.FirstErr)
-		b.res.flag("chat", t.name, fmt.Sprintf("failed exchanges (%d in round %d, first: %s)", res.Errors, round+1, res.FirstErr))
+		b.res.flag(x.rate, t.name, fmt.Sprintf("failed exchanges (%d in round %d, first: %s)", res.Errors, round+1, res.FirstErr))
 	}
 	// Every exchange has ended: the proxy should be back to the descriptors
 	// it had before the run. A leak shows here long before EMFILE does.
 	if p.pid != 0 && fds0 > 0 {
 		if n, err := waitFDs(ctx, p.pid, fds0+8, 3*time.Second); err == nil && n > fds0+8 {
 			msg += fmt.Sprintf("; %d descriptors open 3 s after the run, %d before: a leak?", n, fds0)
-			b.res.flag("chat", t.name, fmt.Sprintf("descriptors not released (%d open after round %d, %d before)", n, round+1, fds0))
+			b.res.flag(x.rate, t.name, fmt.Sprintf("descriptors not released (%d open after round %d, %d before)", n, round+1, fds0))
 		}
 	}
-	b.note(round, t, "chat", "%s", msg)
+	b.note(round, t, x.fig, "%s", msg)
 }
 
-// runIdle measures bytes per idle proxied connection on a freshly started
-// instance of t: memory after a warm-up, then after holding each checkpoint's
-// connections, each established through the proxy (hello sent and echoed);
-// then it checks that every held connection still carries a frame.
+// idleSpec says what an idle run holds and where its numbers go.
+type idleSpec struct {
+	fig         string    // for the report: "idle", "tls-idle"
+	ts          *tlsServe // nil: plain chat connections; else TLS ones
+	conns       int       // connections to hold
+	checkpoints []int     // memory is read at each of these counts held
+	growth      bool      // record each checkpoint's figure (growthKey)
+	rss, pss    string    // metric keys of the final figure
+	goKeys      bool      // Caddy: also Go stacks, live heap and goroutines per connection
+	openTimeout time.Duration
+}
+
+// runIdle measures bytes per idle chat connection.
 func (b *bench) runIdle(ctx context.Context, round int, t *target) {
-	p, err := b.start(ctx, t, b.echo)
+	n := b.cfg.idleConns
+	b.runIdleSpec(ctx, round, t, idleSpec{fig: "idle", conns: n, checkpoints: b.checkpoints(), growth: true,
+		rss: "idle", pss: "idle-pss", openTimeout: time.Duration(n)*2*time.Millisecond + 30*time.Second})
+}
+
+// runTLSIdle measures bytes per idle TLS connection (terminated by the
+// proxy, the decrypted chat stream relayed to the edge).
+func (b *bench) runTLSIdle(ctx context.Context, round int, t *target) {
+	ts := b.serve(b.cfg.tlsIdleCert, t)
+	if ts == nil {
+		return
+	}
+	n := b.cfg.tlsIdleConns
+	b.runIdleSpec(ctx, round, t, idleSpec{fig: "tls-idle", ts: ts, conns: n, checkpoints: []int{n},
+		rss: "tls-idle", goKeys: t.kind == kindCaddy, openTimeout: time.Duration(n)*10*time.Millisecond + 30*time.Second})
+}
+
+// runIdleSpec measures bytes per idle proxied connection on a freshly
+// started instance of t: memory after a warm-up, then after holding each
+// checkpoint's connections, each established through the proxy (hello sent
+// and echoed); then it checks that every held connection still carries a
+// frame.
+func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idleSpec) {
+	p, err := b.start(ctx, t, b.echo, spec.ts)
 	if err != nil {
-		b.fail(round, t, "idle", err)
+		b.fail(round, t, spec.fig, err)
 		return
 	}
 	defer p.stop()
-	warm := &idlePool{}
-	warm.open(ctx, p.addr, 32, 8)
+	dial, conc := dialTCP, 64
+	if spec.ts != nil {
+		dial, conc = spec.ts.dial, 32
+	}
+	warm := &idlePool{frame: b.cfg.idleFrame}
+	warm.open(ctx, dial, p.addr, 32, 8)
 	warm.close()
 	before, settled, err := waitStable(ctx, p.pid, b.cfg.stableMax)
 	if err != nil {
-		b.fail(round, t, "idle", err)
+		b.fail(round, t, spec.fig, err)
 		return
+	}
+	// Then (the RSS baseline is read as for any target) a Caddy target
+	// collects its garbage and reports its live memory, to compare with the
+	// same after the connections are held.
+	var go0 goMem
+	if spec.goKeys {
+		if go0, err = readGoMem(ctx, p.admin, ""); err != nil {
+			b.fail(round, t, spec.fig, fmt.Errorf("read Go memory statistics: %w", err))
+			return
+		}
 	}
 	details := []string{fmt.Sprintf("baseline RSS %s B (PSS %s, private %s)",
 		formatCount(float64(before.RSS)), formatCount(float64(before.PSS)), formatCount(float64(before.Private)))}
@@ -112,27 +198,29 @@ func (b *bench) runIdle(ctx context.Context, round int, t *target) {
 	if th, err := procField(readFile(fmt.Sprintf("/proc/%d/status", p.pid)), "Threads"); err == nil {
 		details = append(details, fmt.Sprintf("one process, %d threads", th))
 	}
-	pool := &idlePool{}
+	pool := &idlePool{frame: b.cfg.idleFrame}
 	defer pool.close()
 	// Opening is bounded as a whole, on top of each connection's own limit.
-	octx, cancel := context.WithTimeout(ctx, time.Duration(b.cfg.idleConns)*2*time.Millisecond+30*time.Second)
+	octx, cancel := context.WithTimeout(ctx, spec.openTimeout)
 	defer cancel()
 	var last memSample
-	for _, n := range b.checkpoints() {
-		pool.open(octx, p.addr, n-len(pool.conns), 64)
+	for _, n := range spec.checkpoints {
+		pool.open(octx, dial, p.addr, n-len(pool.conns), conc)
 		held := len(pool.conns)
 		if held == 0 {
-			b.fail(round, t, "idle", fmt.Errorf("no connection established: %s", pool.firstErr))
+			b.fail(round, t, spec.fig, fmt.Errorf("no connection established: %s", pool.firstErr))
 			return
 		}
 		s, settled, err := waitStable(ctx, p.pid, b.cfg.stableMax)
 		if err != nil {
-			b.fail(round, t, "idle", err)
+			b.fail(round, t, spec.fig, err)
 			return
 		}
 		last = s
 		per := float64(s.RSS-before.RSS) / float64(held)
-		b.res.set(growthKey(n), t.name, round, per)
+		if spec.growth {
+			b.res.set(growthKey(n), t.name, round, per)
+		}
 		d := fmt.Sprintf("%s held: RSS %s B (PSS %s, private %s), %s B/conn", formatCount(float64(held)),
 			formatCount(float64(s.RSS)), formatCount(float64(s.PSS)), formatCount(float64(s.Private)), formatCount(per))
 		if !settled {
@@ -141,6 +229,31 @@ func (b *bench) runIdle(ctx context.Context, round int, t *target) {
 		details = append(details, d)
 	}
 	held := len(pool.conns)
+	var go1 goMem
+	if spec.goKeys {
+		profile := ""
+		if b.cfg.keep {
+			profile = strings.TrimSuffix(p.log, ".log") + "-heap.pb.gz"
+		}
+		if go1, err = readGoMem(ctx, p.admin, profile); err != nil {
+			b.fail(round, t, spec.fig, fmt.Errorf("read Go memory statistics: %w", err))
+			return
+		}
+		stack := float64(go1.stack-go0.stack) / float64(held)
+		heap := float64(go1.heap-go0.heap) / float64(held)
+		gr := float64(go1.goroutines-go0.goroutines) / float64(held)
+		b.res.set(spec.rss+"-stack", t.name, round, stack)
+		b.res.set(spec.rss+"-heap", t.name, round, heap)
+		b.res.set(spec.rss+"-goroutines", t.name, round, gr)
+		details = append(details, fmt.Sprintf("Go, after a GC: stacks %s B/conn, live heap %s B/conn, %.2f goroutines/conn (%d → %d)",
+			formatCount(stack), formatCount(heap), gr, go0.goroutines, go1.goroutines))
+		if profile != "" {
+			details = append(details, "heap profile "+profile)
+		}
+	}
+	if spec.ts != nil {
+		details = append(details, spec.ts.negotiated())
+	}
 	ok, aliveErr := pool.alive(ctx, 64)
 	details = append(details, fmt.Sprintf("alive at the end %d/%d", ok, held))
 	if pool.errors > 0 {
@@ -148,25 +261,25 @@ func (b *bench) runIdle(ctx context.Context, round int, t *target) {
 	}
 	switch {
 	case !p.alive():
-		b.fail(round, t, "idle", fmt.Errorf("process died during the run%s", p.logTail(5)))
+		b.fail(round, t, spec.fig, fmt.Errorf("process died during the run%s", p.logTail(5)))
 		return
 	case ok < held:
-		b.fail(round, t, "idle", fmt.Errorf("only %d of %d held connections still echo (first error: %s); figure discarded", ok, held, aliveErr))
+		b.fail(round, t, spec.fig, fmt.Errorf("only %d of %d held connections still echo (first error: %s); figure discarded", ok, held, aliveErr))
 		return
-	case held < b.cfg.idleConns*99/100:
-		b.fail(round, t, "idle", fmt.Errorf("only %d of %d connections established (first error: %s); figure discarded", held, b.cfg.idleConns, pool.firstErr))
+	case held < spec.conns*99/100:
+		b.fail(round, t, spec.fig, fmt.Errorf("only %d of %d connections established (first error: %s); figure discarded", held, spec.conns, pool.firstErr))
 		return
 	}
-	b.res.set("idle", t.name, round, float64(last.RSS-before.RSS)/float64(held))
-	if last.PSS > 0 && before.PSS > 0 {
-		b.res.set("idle-pss", t.name, round, float64(last.PSS-before.PSS)/float64(held))
+	b.res.set(spec.rss, t.name, round, float64(last.RSS-before.RSS)/float64(held))
+	if spec.pss != "" && last.PSS > 0 && before.PSS > 0 {
+		b.res.set(spec.pss, t.name, round, float64(last.PSS-before.PSS)/float64(held))
 	}
-	b.note(round, t, "idle", "%s", strings.Join(details, "; "))
+	b.note(round, t, spec.fig, "%s", strings.Join(details, "; "))
 }
 
 // runBulk measures edge→client throughput on a fresh instance of t.
 func (b *bench) runBulk(ctx context.Context, round int, t *target) {
-	p, err := b.start(ctx, t, b.bulk)
+	p, err := b.start(ctx, t, b.bulk, nil)
 	if err != nil {
 		b.fail(round, t, "bulk", err)
 		return

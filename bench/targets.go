@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -30,12 +31,14 @@ const (
 
 // target is one way for the client to reach the edge.
 type target struct {
-	name    string
-	kind    targetKind
-	bufsize int                   // HAProxy's tune.bufsize
-	routes  func(edge string) any // Caddy: the layer4 server's routes
-	modules []string              // Caddy: modules the binary must have
-	notRun  string                // why the target is not run; "" when it is
+	name       string
+	kind       targetKind
+	bufsize    int                   // HAProxy's tune.bufsize
+	routes     func(edge string) any // Caddy: the layer4 server's routes
+	tlsRoutes  func(edge string) any // Caddy: the routes when it terminates TLS
+	modules    []string              // Caddy: modules the binary must have
+	tlsModules []string              // Caddy: and those the tls figure needs
+	notRun     string                // why the target is not run; "" when it is
 }
 
 // baseline is the target the ratios are computed against.
@@ -47,10 +50,13 @@ func allTargets() []*target {
 		{name: "direct", kind: kindDirect},
 		{name: "haproxy-official", kind: kindHAProxy, bufsize: 4096},
 		{name: "haproxy-16k", kind: kindHAProxy, bufsize: 16384},
-		{name: "caddy-l4", kind: kindCaddy, routes: caddyL4Routes,
-			modules: []string{"layer4", "layer4.handlers.proxy"}},
-		{name: "waproxy", kind: kindCaddy, routes: waproxyRoutes,
-			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"}},
+		{name: "caddy-l4", kind: kindCaddy, routes: caddyL4Routes, tlsRoutes: caddyL4TLSRoutes,
+			modules:    []string{"layer4", "layer4.handlers.proxy"},
+			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.tls", "layer4.handlers.tls"}},
+		{name: "waproxy", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes,
+			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"},
+			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
+				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
 	}
 }
 
@@ -82,7 +88,13 @@ func waproxyRoutes(edge string) any {
 // frontend, the edge as the only server (no send-proxy, no health check).
 // "no strict-limits" lets HAProxy start when the descriptor limit is below
 // the 2×maxconn it asks for (it then warns and runs with the limit it has).
-func haproxyConfig(bufsize int, listen, edge string) string {
+// With a PEM file (key + certificate) the frontend terminates TLS as the
+// official port 443 does: `bind ... ssl crt <pem>`.
+func haproxyConfig(bufsize int, listen, edge, pem string) string {
+	bind := listen
+	if pem != "" {
+		bind += " ssl crt " + pem
+	}
 	return fmt.Sprintf(`global
     maxconn 27500
     tune.bufsize %d
@@ -103,19 +115,24 @@ frontend bench
 
 backend edge
     server edge %s
-`, bufsize, listen, edge)
+`, bufsize, bind, edge)
 }
 
 // caddyConfig is a whole Caddy JSON config: admin on a loopback port with no
-// persistence, logs at WARN, storage inside dir, one layer4 server.
-func caddyConfig(admin, listen, dir string, routes any) ([]byte, error) {
+// persistence, logs at WARN, storage inside dir, one layer4 server, and
+// extra apps (tls, pki) when it terminates TLS.
+func caddyConfig(admin, listen, dir string, routes any, extra map[string]any) ([]byte, error) {
+	apps := map[string]any{"layer4": map[string]any{"servers": map[string]any{
+		"bench": map[string]any{"listen": []string{listen}, "routes": routes},
+	}}}
+	for k, v := range extra {
+		apps[k] = v
+	}
 	return json.MarshalIndent(map[string]any{
 		"admin":   map[string]any{"listen": admin, "config": map[string]any{"persist": false}},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
 		"storage": map[string]any{"module": "file_system", "root": filepath.Join(dir, "storage")},
-		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
-			"bench": map[string]any{"listen": []string{listen}, "routes": routes},
-		}}},
+		"apps":    apps,
 	}, "", "\t")
 }
 
@@ -125,9 +142,10 @@ type binaries struct {
 	caddyModules   map[string]bool // from caddy list-modules
 }
 
-// resolveTargets checks the binaries and modules each target needs and sets
-// notRun on those that cannot run.
-func resolveTargets(ctx context.Context, ts []*target, bin *binaries) {
+// resolveTargets checks the binaries and modules each target needs (with
+// withTLS, also those of the tls figure) and sets notRun on those that
+// cannot run.
+func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bool) {
 	var haproxyErr, caddyErr error
 	if _, err := os.Stat(bin.haproxy); err != nil {
 		haproxyErr = fmt.Errorf("%s not found (apt-get install haproxy)", bin.haproxy)
@@ -160,7 +178,11 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries) {
 				continue
 			}
 			var missing []string
-			for _, m := range t.modules {
+			need := t.modules
+			if withTLS {
+				need = append(slices.Clone(need), t.tlsModules...)
+			}
+			for _, m := range need {
 				if !bin.caddyModules[m] {
 					missing = append(missing, m)
 				}
@@ -175,19 +197,39 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries) {
 // proc is a started target: where clients connect and, for a proxy, its
 // process.
 type proc struct {
-	addr   string
-	pid    int // 0 for direct
-	cmd    *exec.Cmd
-	log    string
-	exited chan struct{}
+	addr    string
+	pid     int    // 0 for direct
+	admin   string // Caddy: its admin endpoint
+	cmd     *exec.Cmd
+	log     string
+	exited  chan struct{}
+	cleanup func() // direct over TLS: stops the TLS edge
 }
 
 // start runs a fresh instance of t in front of edge and waits until a hello
-// goes through it and comes back.
-func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, e *edge) (*proc, error) {
+// goes through it and comes back. With ts the instance terminates TLS (see
+// tlsServe) and the hello goes through TLS; a direct target is then a TLS
+// echo server of its own (e is not used).
+func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, e *edge, ts *tlsServe) (*proc, error) {
 	edge := e.addr()
+	probe := func(ctx context.Context, addr string) error { return e.probe(ctx, addr) }
+	if ts != nil {
+		probe = ts.probe
+	}
 	if t.kind == kindDirect {
-		return &proc{addr: edge}, nil
+		if ts == nil {
+			return &proc{addr: edge}, nil
+		}
+		te, err := startTLSEdge(ts.files)
+		if err != nil {
+			return nil, err
+		}
+		p := &proc{addr: te.Addr().String(), cleanup: func() { te.Close() }}
+		if err := probe(ctx, p.addr); err != nil {
+			p.stop()
+			return nil, fmt.Errorf("TLS edge: %w", err)
+		}
+		return p, nil
 	}
 	listen, err := freeAddr()
 	if err != nil {
@@ -195,21 +237,29 @@ func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, 
 	}
 	base := filepath.Join(dir, fmt.Sprintf("%s-%d", t.name, seq))
 	var cmd *exec.Cmd
+	var admin string
 	switch t.kind {
 	case kindHAProxy:
 		cfg := base + ".cfg"
-		if err := os.WriteFile(cfg, []byte(haproxyConfig(t.bufsize, listen, edge)), 0o600); err != nil {
+		pem := ""
+		if ts != nil {
+			pem = ts.haproxyPEM()
+		}
+		if err := os.WriteFile(cfg, []byte(haproxyConfig(t.bufsize, listen, edge, pem)), 0o600); err != nil {
 			return nil, err
 		}
 		// -db: foreground, one process, no master-worker, so the pid we
 		// start is the one that holds the connections.
 		cmd = exec.Command(bin.haproxy, "-db", "-f", cfg)
 	case kindCaddy:
-		admin, err := freeAddr()
-		if err != nil {
+		if admin, err = freeAddr(); err != nil {
 			return nil, err
 		}
-		cfg, err := caddyConfig(admin, listen, dir, t.routes(edge))
+		routes, apps := t.routes(edge), map[string]any(nil)
+		if ts != nil {
+			routes, apps = t.tlsRoutes(edge), ts.caddyApps()
+		}
+		cfg, err := caddyConfig(admin, listen, dir, routes, apps)
 		if err != nil {
 			return nil, err
 		}
@@ -234,18 +284,18 @@ func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, 
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", t.name, err)
 	}
-	p := &proc{addr: listen, pid: cmd.Process.Pid, cmd: cmd, log: base + ".log", exited: make(chan struct{})}
+	p := &proc{addr: listen, pid: cmd.Process.Pid, admin: admin, cmd: cmd, log: base + ".log", exited: make(chan struct{})}
 	go func() { cmd.Wait(); close(p.exited) }()
-	if err := p.waitReady(ctx, e, 20*time.Second); err != nil {
+	if err := p.waitReady(ctx, probe, 20*time.Second); err != nil {
 		p.stop()
 		return nil, fmt.Errorf("%s did not come up: %w%s", t.name, err, p.logTail(5))
 	}
 	return p, nil
 }
 
-// waitReady waits until an exchange with e through p succeeds, p exits, or
-// limit passes.
-func (p *proc) waitReady(ctx context.Context, e *edge, limit time.Duration) error {
+// waitReady waits until probe (an exchange with the edge through p)
+// succeeds, p exits, or limit passes.
+func (p *proc) waitReady(ctx context.Context, probe func(context.Context, string) error, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	var last error
 	for {
@@ -254,7 +304,7 @@ func (p *proc) waitReady(ctx context.Context, e *edge, limit time.Duration) erro
 			return fmt.Errorf("process exited: %v", p.cmd.ProcessState)
 		default:
 		}
-		if last = e.probe(ctx, p.addr); last == nil {
+		if last = probe(ctx, p.addr); last == nil {
 			return nil
 		}
 		if ctx.Err() != nil {
@@ -290,6 +340,9 @@ func (p *proc) fds() (int, error) {
 
 // stop ends the process: SIGTERM, then SIGKILL after 10 s.
 func (p *proc) stop() {
+	if p.cleanup != nil {
+		p.cleanup()
+	}
 	if p.pid == 0 {
 		return
 	}
