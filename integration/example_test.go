@@ -35,39 +35,6 @@ func rewriteMainExample(t *testing.T, listen, socks, chat, storage string, hosts
 	delete(cfg, "admin") // StartCaddy sets it
 	cfg["storage"] = obj{"module": "file_system", "root": storage}
 	_, chatPort, _ := net.SplitHostPort(chat)
-	counts := map[string]int{}
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case obj:
-			if via, ok := v["via"].(obj); ok && via["dialer"] == "socks5" {
-				via["servers"] = []string{socks}
-			}
-			switch v["handler"] {
-			case "wa_proxy":
-				switch v["destination"] {
-				case "g.whatsapp.net:5222":
-					v["destination"], v["allow"] = "localhost:"+chatPort, []string{"localhost"}
-					counts["chat"]++
-				case "{l4.wa_tls.server_name}:443":
-					v["via"] = obj{"dialer": "test_resolve", "hosts": hosts, "log": newDialLog(t)}
-					counts["media"]++
-				default:
-					t.Fatalf("examples/Caddyfile.json: unexpected wa_proxy destination %v", v["destination"])
-				}
-			case "wa_http":
-				v["allow"] = []string{"localhost"}
-				counts["http"]++
-			}
-			for _, x := range v {
-				walk(x)
-			}
-		case []any:
-			for _, x := range v {
-				walk(x)
-			}
-		}
-	}
 	servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
 	for _, srv := range servers {
 		s := srv.(obj)
@@ -79,8 +46,8 @@ func rewriteMainExample(t *testing.T, listen, socks, chat, storage string, hosts
 		default:
 			t.Fatalf("examples/Caddyfile.json: unexpected listener %v", s["listen"])
 		}
-		walk(s)
 	}
+	counts := localHandlers(t, servers, "localhost:"+chatPort, []string{"localhost"}, hosts, socks)
 	if counts["chat"] != 4 || counts["media"] != 1 || counts["http"] != 1 {
 		t.Fatalf("examples/Caddyfile.json has %v handlers; the test expects 4 chat, 1 media, 1 http (update it)", counts)
 	}

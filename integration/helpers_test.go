@@ -169,3 +169,49 @@ func bannerServer(t *testing.T, banner string) string {
 	}()
 	return ln.Addr().String()
 }
+
+// localHandlers points the handlers of a shipped or adapted config at this
+// machine, changing addresses only: every wa_proxy to g.whatsapp.net:5222
+// goes to chatDest (allowed by allow), the media passthrough
+// ({l4.wa_tls.server_name}:443) resolves names through test_resolve with
+// hosts, every wa_http allows allow, and, when socks is set, every
+// `via socks5` uses the SOCKS5 server at socks. It returns how many chat, media and
+// http handlers it changed, so a test notices when the config's shape moves.
+func localHandlers(t *testing.T, cfg any, chatDest string, allow []string, hosts map[string]string, socks string) map[string]int {
+	t.Helper()
+	counts := map[string]int{}
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case obj:
+			if via, ok := v["via"].(obj); ok && via["dialer"] == "socks5" && socks != "" {
+				via["servers"] = []string{socks}
+			}
+			switch v["handler"] {
+			case "wa_proxy":
+				switch v["destination"] {
+				case "g.whatsapp.net:5222":
+					v["destination"], v["allow"] = chatDest, allow
+					counts["chat"]++
+				case "{l4.wa_tls.server_name}:443":
+					v["via"] = obj{"dialer": "test_resolve", "hosts": hosts, "log": newDialLog(t)}
+					counts["media"]++
+				default:
+					t.Fatalf("unexpected wa_proxy destination %v", v["destination"])
+				}
+			case "wa_http":
+				v["allow"] = allow
+				counts["http"]++
+			}
+			for _, x := range v {
+				walk(x)
+			}
+		case []any:
+			for _, x := range v {
+				walk(x)
+			}
+		}
+	}
+	walk(cfg)
+	return counts
+}

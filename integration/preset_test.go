@@ -50,36 +50,6 @@ func adaptPresetServers(t *testing.T, caddyfile string, listen map[string]string
 	delete(cfg, "admin")
 	cfg["storage"] = obj{"module": "file_system", "root": storage}
 	_, chatPort, _ := net.SplitHostPort(chat)
-	counts := map[string]int{}
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case obj:
-			switch v["handler"] {
-			case "wa_proxy":
-				switch v["destination"] {
-				case "g.whatsapp.net:5222":
-					v["destination"], v["allow"] = "localhost:"+chatPort, []string{"localhost", "127.0.0.1"}
-					counts["chat"]++
-				case "{l4.wa_tls.server_name}:443":
-					v["via"] = obj{"dialer": "test_resolve", "hosts": hosts, "log": newDialLog(t)}
-					counts["media"]++
-				default:
-					t.Fatalf("preset: unexpected wa_proxy destination %v", v["destination"])
-				}
-			case "wa_http":
-				v["allow"] = []string{"localhost", "127.0.0.1"}
-				counts["http"]++
-			}
-			for _, x := range v {
-				walk(x)
-			}
-		case []any:
-			for _, x := range v {
-				walk(x)
-			}
-		}
-	}
 	servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
 	if len(servers) != len(listen) {
 		t.Fatalf("preset: %d layer4 servers, want %d", len(servers), len(listen))
@@ -90,8 +60,8 @@ func adaptPresetServers(t *testing.T, caddyfile string, listen map[string]string
 			t.Fatalf("preset: no layer4 server %q", name)
 		}
 		s["listen"] = []string{addr}
-		walk(s)
 	}
+	counts := localHandlers(t, servers, "localhost:"+chatPort, []string{"localhost", "127.0.0.1"}, hosts, "")
 	if counts["chat"] != 4*len(listen) || counts["media"] != len(listen) || counts["http"] != len(listen) {
 		t.Fatalf("preset has %v handlers; the test expects 4 chat, 1 media, 1 http per server", counts)
 	}

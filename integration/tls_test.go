@@ -828,38 +828,12 @@ func rewriteExample(t *testing.T, listen, chat, storage string, hosts map[string
 	if len(servers) != 1 {
 		t.Fatalf("examples/tls.json has %d servers; want 1", len(servers))
 	}
-	var proxies, passthroughs int
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case obj:
-			if v["handler"] == "wa_proxy" {
-				switch v["destination"] {
-				case "g.whatsapp.net:5222":
-					v["destination"], v["allow"] = chat, []string{"127.0.0.1"}
-					proxies++
-				case "{l4.wa_tls.server_name}:443":
-					v["via"] = obj{"dialer": "test_resolve", "hosts": hosts, "log": newDialLog(t)}
-					passthroughs++
-				default:
-					t.Fatalf("examples/tls.json: unexpected wa_proxy destination %v", v["destination"])
-				}
-			}
-			for _, x := range v {
-				walk(x)
-			}
-		case []any:
-			for _, x := range v {
-				walk(x)
-			}
-		}
-	}
 	for _, srv := range servers {
 		srv.(obj)["listen"] = []string{listen}
-		walk(srv)
 	}
-	if proxies != 4 || passthroughs != 1 {
-		t.Fatalf("examples/tls.json has %d chat and %d passthrough handlers; the test expects 4 and 1 (update it)", proxies, passthroughs)
+	counts := localHandlers(t, servers, chat, []string{"127.0.0.1"}, hosts, "")
+	if counts["chat"] != 4 || counts["media"] != 1 {
+		t.Fatalf("examples/tls.json has %v handlers; the test expects 4 chat and 1 media (update it)", counts)
 	}
 	out, _ := json.Marshal(cfg)
 	return string(out)

@@ -414,22 +414,6 @@ func BenchmarkMatchHTTP(b *testing.B) {
 				}
 			}
 		})
-		b.Run("match/"+c.name, func(b *testing.B) {
-			in, out := net.Pipe()
-			defer in.Close()
-			defer out.Close()
-			cx := layer4.WrapConnection(in, c.in, zap.NewNop())
-			m := new(MatchHTTP)
-			if err := m.Provision(caddy.Context{}); err != nil {
-				b.Fatal(err)
-			}
-			b.ReportAllocs()
-			b.SetBytes(int64(len(c.in)))
-			for b.Loop() {
-				if _, err := m.Match(cx); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+		b.Run("match/"+c.name, func(b *testing.B) { benchmarkMatch(b, new(MatchHTTP), c.in) })
 	}
 }

@@ -817,28 +817,7 @@ func TestMatchTLSReadError(t *testing.T) {
 	if err := s.client.(*net.TCPConn).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case r := <-s.results:
-		t.Fatalf("route %q ran for a client that sent a partial hello", r.route)
-	case err := <-s.done:
-		s.done <- err
-		if len(s.results) > 0 {
-			t.Fatalf("route %q ran for a client that sent a partial hello", (<-s.results).route)
-		}
-		var logged error
-		for _, e := range s.logs.All() {
-			for _, f := range e.Context {
-				if f.Key == "error" {
-					logged, _ = f.Interface.(error)
-				}
-			}
-		}
-		if !errors.Is(logged, io.EOF) {
-			t.Fatalf("router returned %v with logs %v; want it to log the EOF", err, s.logs.All())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the router did not return after the client closed")
-	}
+	s.expectEOFWithoutRoute(t, "a partial hello")
 }
 
 // ---- benchmarks ----
@@ -863,22 +842,6 @@ func BenchmarkMatchTLS(b *testing.B) {
 				classifyTLS(c.in, func() []byte { return scratch })
 			}
 		})
-		b.Run("match/"+c.name, func(b *testing.B) {
-			in, out := net.Pipe()
-			defer in.Close()
-			defer out.Close()
-			cx := layer4.WrapConnection(in, c.in, zap.NewNop())
-			m := new(MatchTLS)
-			if err := m.Provision(caddy.Context{}); err != nil {
-				b.Fatal(err)
-			}
-			b.ReportAllocs()
-			b.SetBytes(int64(len(c.in)))
-			for b.Loop() {
-				if _, err := m.Match(cx); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+		b.Run("match/"+c.name, func(b *testing.B) { benchmarkMatch(b, new(MatchTLS), c.in) })
 	}
 }

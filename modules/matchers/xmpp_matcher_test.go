@@ -217,6 +217,58 @@ func (s *waServer) result(t *testing.T) waTestResult {
 }
 
 // waOneByteConn delivers at most one byte per Read, so the matchers see
+// expectEOFWithoutRoute asserts that, after the client closed having sent
+// what (described for failure messages), no route ran and the router
+// returned having logged the EOF: a read error is passed on, never turned
+// into a silent non-match.
+func (s *waServer) expectEOFWithoutRoute(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case r := <-s.results:
+		t.Fatalf("route %q ran for a client that sent %s", r.route, what)
+	case err := <-s.done:
+		s.done <- err
+		if len(s.results) > 0 {
+			t.Fatalf("route %q ran for a client that sent %s", (<-s.results).route, what)
+		}
+		var logged error
+		for _, e := range s.logs.All() {
+			for _, f := range e.Context {
+				if f.Key == "error" {
+					logged, _ = f.Interface.(error)
+				}
+			}
+		}
+		if !errors.Is(logged, io.EOF) {
+			t.Fatalf("router returned %v with logs %v; want it to log the EOF", err, s.logs.All())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the router did not return after the client closed")
+	}
+}
+
+// benchmarkMatch measures m.Match on a connection whose prefetched bytes
+// are in, with b.ReportAllocs.
+func benchmarkMatch(b *testing.B, m interface {
+	layer4.ConnMatcher
+	Provision(caddy.Context) error
+}, in []byte) {
+	pipeIn, pipeOut := net.Pipe()
+	defer pipeIn.Close()
+	defer pipeOut.Close()
+	cx := layer4.WrapConnection(pipeIn, in, zap.NewNop())
+	if err := m.Provision(caddy.Context{}); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.SetBytes(int64(len(in)))
+	for b.Loop() {
+		if _, err := m.Match(cx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // every prefix of what the client sent.
 type waOneByteConn struct{ net.Conn }
 
@@ -592,28 +644,7 @@ func TestMatchXMPPReadError(t *testing.T) {
 	if err := s.client.(*net.TCPConn).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case r := <-s.results:
-		t.Fatalf("route %q ran for a client that sent only %q", r.route, "WA")
-	case err := <-s.done:
-		s.done <- err
-		if len(s.results) > 0 {
-			t.Fatalf("route %q ran for a client that sent only %q", (<-s.results).route, "WA")
-		}
-		var logged error
-		for _, e := range s.logs.All() {
-			for _, f := range e.Context {
-				if f.Key == "error" {
-					logged, _ = f.Interface.(error)
-				}
-			}
-		}
-		if !errors.Is(logged, io.EOF) {
-			t.Fatalf("router returned %v with logs %v; want it to log the EOF", err, s.logs.All())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the router did not return after the client closed")
-	}
+	s.expectEOFWithoutRoute(t, `only "WA"`)
 }
 
 // ---- benchmarks ----
@@ -640,22 +671,6 @@ func BenchmarkMatchXMPP(b *testing.B) {
 				}
 			}
 		})
-		b.Run("match/"+c.name, func(b *testing.B) {
-			in, out := net.Pipe()
-			defer in.Close()
-			defer out.Close()
-			cx := layer4.WrapConnection(in, c.in, zap.NewNop())
-			m := new(MatchXMPP)
-			if err := m.Provision(caddy.Context{}); err != nil {
-				b.Fatal(err)
-			}
-			b.ReportAllocs()
-			b.SetBytes(int64(len(c.in)))
-			for b.Loop() {
-				if _, err := m.Match(cx); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+		b.Run("match/"+c.name, func(b *testing.B) { benchmarkMatch(b, new(MatchXMPP), c.in) })
 	}
 }
