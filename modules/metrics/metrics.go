@@ -142,7 +142,23 @@ const protocolVar = "wa.protocol"
 
 // SetProtocol records on the connection which protocol a matcher detected,
 // for the protocol label. Matchers call it when they match.
-func SetProtocol(cx *layer4.Connection, protocol string) { cx.SetVar(protocolVar, protocol) }
+func SetProtocol(cx *layer4.Connection, protocol string) {
+	if boxed, ok := boxedProtocols[protocol]; ok {
+		cx.SetVar(protocolVar, boxed) // no allocation per match for the known values
+		return
+	}
+	cx.SetVar(protocolVar, protocol)
+}
+
+// boxedProtocols holds each protocol label already converted to an
+// interface value, so recording it on a connection does not allocate.
+var boxedProtocols = func() map[string]any {
+	m := make(map[string]any, len(Protocols))
+	for _, p := range Protocols {
+		m[p] = p
+	}
+	return m
+}()
 
 // Protocol returns the protocol a matcher recorded on the connection, or
 // ProtocolRaw when none did.
