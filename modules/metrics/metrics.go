@@ -49,6 +49,15 @@ const (
 	// KindUpstreamTLS: the TLS handshake with the destination (wa_proxy's
 	// `tls` option) failed, e.g. its certificate did not verify.
 	KindUpstreamTLS = "upstream_tls"
+	// KindMaxConnections: a new connection was refused because a
+	// max_connections limit (process-wide or per listener) was reached.
+	KindMaxConnections = "max_connections"
+	// KindMaxConnectionsPerIP: a new connection was refused because its
+	// client address already had max_connections_per_ip live connections.
+	KindMaxConnectionsPerIP = "max_connections_per_ip"
+	// KindShutdownCut: a live connection was closed at the end of the
+	// grace period of a graceful shutdown.
+	KindShutdownCut = "shutdown_cut"
 )
 
 // ErrorKinds lists every value of the kind label, so each series exists from the start.
@@ -56,7 +65,7 @@ var ErrorKinds = []string{
 	KindNotAllowed, KindDial, KindTimeout, KindSOCKS5Auth, KindSOCKS5Refused,
 	KindSOCKS5Protocol, KindProxyProtocol, KindIdleTimeout, KindRelay, KindDestination,
 	KindHTTPRequest, KindProxyAuth, KindUpstream, KindResponseTimeout,
-	KindUpstreamTLS,
+	KindUpstreamTLS, KindMaxConnections, KindMaxConnectionsPerIP, KindShutdownCut,
 }
 
 // Protocols: the values of the `protocol` label of whatsapp_proxy_protocol_connections.
@@ -96,13 +105,22 @@ var (
 	// Errors counts failures by kind (see the Kind constants).
 	Errors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "errors_total",
-		Help: "Failures by kind: not_allowed, dial, timeout, socks5_auth, socks5_refused, socks5_protocol, proxy_protocol, idle_timeout, relay, destination, http_request, proxy_auth, upstream, response_timeout, upstream_tls.",
+		Help: "Failures by kind: not_allowed, dial, timeout, socks5_auth, socks5_refused, socks5_protocol, proxy_protocol, idle_timeout, relay, destination, http_request, proxy_auth, upstream, response_timeout, upstream_tls, max_connections, max_connections_per_ip, shutdown_cut.",
 	}, []string{"kind"})
 	// ProtocolConnections is the number of connections being proxied now, by detected protocol.
 	ProtocolConnections = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "protocol_connections",
 		Help: "Connections being proxied now, by detected protocol.",
 	}, []string{"protocol"})
+	// UpstreamHealthy is 1 while an upstream (a SOCKS5 server, or the
+	// direct dialer) passes its active health check and 0 while it fails.
+	// The upstream label is the dialer name and server, e.g.
+	// "socks5 127.0.0.1:1080" or "direct". Only upstreams with a health
+	// check have a series.
+	UpstreamHealthy = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "upstream_healthy",
+		Help: "1 while an upstream passes its active health check, 0 while it fails.",
+	}, []string{"upstream"})
 )
 
 func init() {
@@ -122,6 +140,7 @@ func Register(reg prometheus.Registerer) error {
 	}
 	for _, c := range []prometheus.Collector{
 		ConnectionsTotal, ConnectionsActive, BytesSent, BytesReceived, Errors, ProtocolConnections,
+		UpstreamHealthy,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
