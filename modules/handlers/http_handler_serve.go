@@ -62,6 +62,7 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	c := &httpConn{h: h, cx: cx, remote: cx.RemoteAddr().String(), protocol: protocol, idle: time.Duration(h.IdleTimeout)}
 	c.rc = registry.Open(&registry.Conn{Remote: c.remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
 		Handler: "layer4.handlers.wa_http", Dialer: h.dialerID})
+	holdLimit(cx, c.rc)
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()

@@ -188,6 +188,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		Handler: "layer4.handlers.wa_proxy", Dialer: h.dialerID}
 	rc.SetDestination(dest)
 	registry.Open(rc)
+	holdLimit(cx, rc)
 	var failure error  // why the connection ended before it was relayed
 	var relayErr error // how the relay ended
 	offloaded := false // the event loop owns the connection and ends it

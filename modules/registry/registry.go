@@ -30,10 +30,51 @@ type Conn struct {
 	// (sent upstream) and from the upstream (sent to the client).
 	FromClient, FromUpstream atomic.Int64
 
-	id     uint64
-	start  time.Time
-	dest   atomic.Pointer[string]
-	closed atomic.Bool
+	id      uint64
+	start   time.Time
+	dest    atomic.Pointer[string]
+	closed  atomic.Bool
+	hookMu  sync.Mutex
+	onClose []func()
+	cut     func()
+}
+
+// OnClose registers f to run once when c is closed (after it leaves the
+// registry), e.g. to release a connection-limit slot. If c is already
+// closed, f runs at once.
+func (c *Conn) OnClose(f func()) {
+	c.hookMu.Lock()
+	if c.closed.Load() {
+		c.hookMu.Unlock()
+		f()
+		return
+	}
+	c.onClose = append(c.onClose, f)
+	c.hookMu.Unlock()
+}
+
+// SetCut records how to end c from outside (a graceful shutdown's
+// deadline): f must make the connection end promptly and be safe to call
+// from any goroutine, at most once. Handlers set it when they take the
+// connection and again when the relay takes over.
+func (c *Conn) SetCut(f func()) {
+	c.hookMu.Lock()
+	c.cut = f
+	c.hookMu.Unlock()
+}
+
+// Cut ends c with the function given to SetCut; it reports whether there
+// was one.
+func (c *Conn) Cut() bool {
+	c.hookMu.Lock()
+	f := c.cut
+	c.cut = nil
+	c.hookMu.Unlock()
+	if f == nil || c.closed.Load() {
+		return false
+	}
+	f()
+	return true
 }
 
 // ID returns the connection's id, unique in this process (0 before Open).
@@ -102,10 +143,35 @@ func Close(c *Conn, err error) {
 	mu.Lock()
 	delete(conns, c.id)
 	mu.Unlock()
+	c.hookMu.Lock()
+	hooks := c.onClose
+	c.onClose, c.cut = nil, nil
+	c.hookMu.Unlock()
+	for _, f := range hooks {
+		f()
+	}
 	if err != nil {
 		publish(EventError, c, err)
 	}
 	publish(EventClosed, c, err)
+}
+
+// CutAll cuts every tracked connection (see Conn.SetCut) and returns how
+// many it cut.
+func CutAll() int {
+	mu.Lock()
+	list := make([]*Conn, 0, len(conns))
+	for _, c := range conns {
+		list = append(list, c)
+	}
+	mu.Unlock()
+	n := 0
+	for _, c := range list {
+		if c.Cut() {
+			n++
+		}
+	}
+	return n
 }
 
 // Len returns how many connections are tracked.
