@@ -29,11 +29,19 @@ lint:
     go vet ./...
     go run honnef.co/go/tools/cmd/staticcheck@v0.8.1 ./...
 
-# Two tables, plain and TLS terminated; about 9 minutes on 2 cores; the report
-# goes to docs/bench-latest.md. Flags go to the bench: `just bench -quick`.
-# Build, then benchmark our proxy against HAProxy, stock caddy-l4 and direct.
+# Two tables, plain and TLS terminated, plus the SOCKS5 exit hop (needs
+# microsocks) and idle memory at 1K/5K/9K connections; about 13 minutes on
+# 2 cores; the report goes to docs/bench-latest.md. Flags go to the bench:
+# `just bench -quick`.
+# Build, then benchmark our proxy against HAProxy, stock caddy-l4, microsocks and direct.
 bench *flags: build
     go run ./bench -caddy "$(go run ./internal/buildrecipe -output)" {{flags}}
+
+# Flags go to go test: `just bench-go -benchtime 2s -count 5`. The dialer
+# benchmarks against microsocks are skipped without it.
+# Go benchmarks of the hot paths (matchers, relay, dialers): ns/op, B/op, allocs/op.
+bench-go *flags:
+    go test -run '^$' -bench . -benchmem {{flags}} ./modules/...
 
 # Fuzz every FuzzXxx target for a short while each (e.g. `just fuzz 1m`).
 fuzz time="10s":

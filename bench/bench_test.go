@@ -8,8 +8,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -266,7 +269,11 @@ func TestCaddyConfig(t *testing.T) {
 		if tgt.kind != kindCaddy {
 			continue
 		}
-		raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.routes("127.0.0.1:5000"), nil)
+		socks := ""
+		if tgt.socks {
+			socks = "127.0.0.1:1080"
+		}
+		raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.routes("127.0.0.1:5000", socks), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -303,6 +310,9 @@ func TestCaddyConfig(t *testing.T) {
 			want = []string{`"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`}
 		case "waproxy":
 			want = []string{`"wa_xmpp":{}`, `"handler":"wa_proxy"`, `"destination":"127.0.0.1:5000"`, `"allow":["127.0.0.1"]`}
+		case "waproxy-socks5":
+			want = []string{`"wa_xmpp":{}`, `"handler":"wa_proxy"`, `"destination":"127.0.0.1:5000"`, `"allow":["127.0.0.1"]`,
+				`"via":{"dialer":"socks5","servers":["127.0.0.1:1080"]}`}
 		}
 		compact := &bytes.Buffer{}
 		json.Compact(compact, []byte(route))
@@ -310,6 +320,9 @@ func TestCaddyConfig(t *testing.T) {
 			if !strings.Contains(compact.String(), w) {
 				t.Errorf("%s route lacks %s: %s", tgt.name, w, compact)
 			}
+		}
+		if !tgt.socks && strings.Contains(compact.String(), `"via"`) {
+			t.Errorf("%s dials through a SOCKS5 server: %s", tgt.name, compact)
 		}
 	}
 }
@@ -325,9 +338,16 @@ func TestParseFlagsQuick(t *testing.T) {
 	if !slices.Equal(cfg.tlsCerts, []string{"p256"}) || cfg.tlsIdleConns != 300 {
 		t.Errorf("-quick: tls certs %v, idle TLS %d; want [p256], 300", cfg.tlsCerts, cfg.tlsIdleConns)
 	}
+	if !cfg.scaling || !slices.Equal(levels(cfg.idleConns), []int{55, 277, 500}) {
+		t.Errorf("-quick: scaling %v at %v; want true at [55 277 500]", cfg.scaling, levels(cfg.idleConns))
+	}
 	full, err := parseFlags(nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if !slices.Equal(full.targets, []string{"direct", "haproxy-official", "haproxy-16k", "caddy-l4", "waproxy", "waproxy-socks5", "microsocks"}) ||
+		!full.scaling || !slices.Equal(levels(full.idleConns), []int{1000, 5000, 9000}) || full.microsocks != "/usr/bin/microsocks" {
+		t.Errorf("defaults: targets %v, scaling %v at %v, microsocks %s", full.targets, full.scaling, levels(full.idleConns), full.microsocks)
 	}
 	if !slices.Equal(full.figures, []string{"chat", "idle", "bulk", "tls"}) ||
 		!slices.Equal(full.tlsCerts, []string{"rsa2048", "p256", "default"}) || full.tlsGroups != "x25519" {
@@ -427,7 +447,11 @@ func TestCaddyTLSConfig(t *testing.T) {
 			if tgt.kind != kindCaddy {
 				continue
 			}
-			raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.tlsRoutes("127.0.0.1:5000"), tc.ts.caddyApps())
+			socks := ""
+			if tgt.socks {
+				socks = "127.0.0.1:1080"
+			}
+			raw, err := caddyConfig("127.0.0.1:2019", "127.0.0.1:4000", "/tmp/x", tgt.tlsRoutes("127.0.0.1:5000", socks), tc.ts.caddyApps())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -439,9 +463,15 @@ func TestCaddyTLSConfig(t *testing.T) {
 			switch tgt.name {
 			case "caddy-l4":
 				want = append(want, `"tls":{}`, `"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`)
-			case "waproxy":
+			case "waproxy", "waproxy-socks5":
 				want = append(want, `"wa_silent":`, `"wa_tls":{}`, `"handler":"subroute"`, `"wa_xmpp":{}`,
 					`"destination":"127.0.0.1:5000"`, `"destination":"{l4.wa_tls.server_name}:443"`)
+			}
+			// With the exit hop every wa_proxy dials through it: the
+			// catch-alls, chat and media passthrough (5 handlers).
+			via := `"via":{"dialer":"socks5","servers":["127.0.0.1:1080"]}`
+			if n, want := strings.Count(compact.String(), via), map[bool]int{true: 5}[tgt.socks]; n != want {
+				t.Errorf("%s TLS config: %d handlers dial through SOCKS5, want %d: %s", tgt.name, n, want, compact)
 			}
 			for _, w := range want {
 				if !strings.Contains(compact.String(), w) {
@@ -453,26 +483,53 @@ func TestCaddyTLSConfig(t *testing.T) {
 }
 
 func TestSteps(t *testing.T) {
-	cfg, err := parseFlags([]string{"-figures", "idle,tls", "-tls-certs", "p256,default"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &bench{cfg: cfg}
 	direct := &target{name: "direct", kind: kindDirect}
 	ha := &target{name: baseline, kind: kindHAProxy}
 	wa := &target{name: "waproxy", kind: kindCaddy}
-	var got []string
-	for _, s := range b.steps([]*target{wa, direct, ha}) {
-		got = append(got, strings.TrimSuffix(s.fig+" "+s.row+" "+s.t.name, " "))
+	via := &target{name: viaSOCKS, kind: kindCaddy, socks: true}
+	ms := &target{name: socksOnly, kind: kindSOCKS}
+	steps := func(args ...string) []string {
+		t.Helper()
+		cfg, err := parseFlags(append([]string{"-figures", "idle,tls", "-tls-certs", "p256,default"}, args...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, s := range (&bench{cfg: cfg}).steps([]*target{wa, direct, ha, via, ms}) {
+			name := s.fig
+			if s.row != "" {
+				name += " " + s.row
+			}
+			if s.held != 0 {
+				name += fmt.Sprintf(" %d", s.held)
+			}
+			got = append(got, name+" "+s.t.name)
+		}
+		return got
 	}
-	want := []string{
-		"idle  waproxy", "idle  haproxy-official",
-		"tls p256 waproxy", "tls p256 direct", "tls p256 haproxy-official",
+	tlsSteps := []string{
+		"tls p256 waproxy", "tls p256 direct", "tls p256 haproxy-official", "tls p256 waproxy-socks5",
 		"tls default waproxy", "tls default haproxy-official",
 		"tls-idle p256 waproxy", "tls-idle p256 haproxy-official",
 	}
-	if !slices.Equal(got, want) {
+	if via.tlsRuns("rsa2048", false) || via.tlsRuns("p256", true) || ms.tlsRuns("p256", false) || !wa.tlsRuns("rsa2048", false) {
+		t.Error("tlsRuns: waproxy-socks5 runs the P-256 conn/s row alone, microsocks none, waproxy every row")
+	}
+	// -scaling (the default): one idle run per count, the smallest first,
+	// every target but direct.
+	var want []string
+	for _, n := range []int{1000, 5000, 9000} {
+		for _, name := range []string{"waproxy", "haproxy-official", "waproxy-socks5", "microsocks"} {
+			want = append(want, fmt.Sprintf("idle %d %s", n, name))
+		}
+	}
+	want = append(want, tlsSteps...)
+	if got := steps(); !slices.Equal(got, want) {
 		t.Errorf("steps:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	want = append([]string{"idle waproxy", "idle haproxy-official", "idle waproxy-socks5", "idle microsocks"}, tlsSteps...)
+	if got := steps("-scaling=false"); !slices.Equal(got, want) {
+		t.Errorf("steps, -scaling=false:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 	if got := certsNeeded([]string{"p256", "default"}, "p256", true); !slices.Equal(got, []string{"p256", "rsa4096"}) {
 		t.Errorf("certsNeeded = %v, want [p256 rsa4096]", got)
@@ -515,5 +572,305 @@ func TestGoroutineTotal(t *testing.T) {
 	}
 	if _, err := goroutineTotal("<html>"); err == nil {
 		t.Error("goroutineTotal of something else: want an error")
+	}
+}
+
+func TestGrowthAndMarginal(t *testing.T) {
+	ts := []*target{{name: "direct", kind: kindDirect}, {name: baseline, kind: kindHAProxy}, {name: "waproxy", kind: kindCaddy},
+		{name: socksOnly, kind: kindSOCKS, notRun: "no microsocks"}}
+	r := newResults(ts, nil, 2, []int{1000, 5000, 9000})
+	// haproxy: linear, 3,400 B each. waproxy: a fixed 2.5 MB plus 1,300 B
+	// each in round 1; round 2 lacks the 5,000 figure.
+	for i, n := range []int{1000, 5000, 9000} {
+		for round := range 2 {
+			r.set(growthKey(n), baseline, round, 3400)
+			if round == 0 || n != 5000 {
+				r.set(growthKey(n), "waproxy", round, (2_500_000+1300*float64(n))/float64(n))
+			}
+		}
+		_ = i
+	}
+	if got := r.marginal("waproxy", 1000, 5000); math.Abs(got-1300) > 1e-6 {
+		t.Errorf("marginal 1,000 → 5,000 = %v, want 1300 (round 2 has no figure)", got)
+	}
+	if got := r.marginal(baseline, 5000, 9000); got != 3400 {
+		t.Errorf("linear marginal = %v, want 3400", got)
+	}
+	var out bytes.Buffer
+	r.writeGrowth(&out)
+	for _, line := range []string{
+		"| connections held | haproxy-official | waproxy | microsocks |",
+		"| 1,000 | 3,400 | 3,800 | not run |",
+		"| 5,000 | 3,400 | 1,800 | not run |",
+		"| 9,000 | 3,400 | 1,578 | not run |",
+		"| marginal, 1,000 → 5,000 | 3,400 | 1,300 | not run |",
+		"| marginal, 5,000 → 9,000 | 3,400 | 1,300 | not run |",
+	} {
+		if !strings.Contains(out.String(), line+"\n") {
+			t.Errorf("growth table lacks %q:\n%s", line, out.String())
+		}
+	}
+}
+
+func TestExitHopTable(t *testing.T) {
+	ts := []*target{{name: "direct", kind: kindDirect}, {name: baseline, kind: kindHAProxy}, {name: "waproxy", kind: kindCaddy},
+		{name: viaSOCKS, kind: kindCaddy, socks: true}, {name: socksOnly, kind: kindSOCKS}}
+	r := newResults(ts, []metric{
+		{key: "chat", label: "chat conn/s", vsDirect: true, format: formatCount},
+		{key: "idle", label: "bytes per idle chat connection", proxyOnly: true, format: formatCount},
+		{key: "tls:p256", label: "TLS conn/s, P-256", tls: true, row: "p256", vsDirect: true, format: formatCount},
+		{key: "tls:default", label: "TLS conn/s, default", tls: true, row: "default", proxyOnly: true, format: formatCount},
+		{key: "tls-idle", label: "bytes per idle TLS connection", tls: true, row: "p256", tlsIdle: true, proxyOnly: true, format: formatCount},
+	}, 1, nil)
+	for name, v := range map[string][3]float64{"waproxy": {1000, 1800, 2000}, viaSOCKS: {800, 2000, 1600}, socksOnly: {1600, 12000, 0}} {
+		r.set("chat", name, 0, v[0])
+		r.set("idle", name, 0, v[1])
+		if name != socksOnly {
+			r.set("tls:p256", name, 0, v[2])
+		}
+	}
+	r.set("tls:default", "waproxy", 0, 2100)
+	r.set("tls-idle", "waproxy", 0, 50000)
+	var out bytes.Buffer
+	r.writeExitHop(&out)
+	for _, line := range []string{
+		"| figure | waproxy | waproxy-socks5 | microsocks | waproxy-socks5/waproxy | waproxy-socks5/microsocks |",
+		"| chat conn/s | 1,000 | 800 | 1,600 | 0.80× | 0.50× |",
+		"| bytes per idle chat connection | 1,800 | 2,000 | 12,000 | 1.11× | 0.17× |",
+		// microsocks terminates no TLS: a dash, not "failed".
+		"| TLS conn/s, P-256 | 2,000 | 1,600 | – | 0.80× | – |",
+	} {
+		if !strings.Contains(out.String(), line+"\n") {
+			t.Errorf("exit hop table lacks %q:\n%s", line, out.String())
+		}
+	}
+	// Rows that neither SOCKS5 target has are left out.
+	for _, absent := range []string{"TLS conn/s, default", "idle TLS"} {
+		if strings.Contains(out.String(), absent) {
+			t.Errorf("exit hop table has a %q row:\n%s", absent, out.String())
+		}
+	}
+	// The main TLS table shows the runs that do not exist as dashes.
+	out.Reset()
+	r.writeTables(&out)
+	for _, line := range []string{
+		"| TLS conn/s, default | – | failed | 2,100 | – | – | – | – |",
+		"| bytes per idle TLS connection | – | failed | 50,000 | – | – | – | – |",
+	} {
+		if !strings.Contains(out.String(), line+"\n") {
+			t.Errorf("tables lack %q:\n%s", line, out.String())
+		}
+	}
+	// Without either SOCKS5 target there is no such table.
+	out.Reset()
+	newResults(ts[:3], nil, 1, nil).writeExitHop(&out)
+	if out.Len() != 0 {
+		t.Errorf("exit hop table without SOCKS5 targets:\n%s", out.String())
+	}
+}
+
+// scriptedSOCKS serves one connection with script and returns its address.
+func scriptedSOCKS(t *testing.T, script func(c net.Conn) error) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		done <- script(c)
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		if err := <-done; err != nil {
+			t.Errorf("scripted SOCKS5 server: %v", err)
+		}
+	})
+	return ln.Addr().String()
+}
+
+// expect reads len(want) bytes from c and compares them.
+func expect(c net.Conn, want ...byte) error {
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("got % x, want % x", got, want)
+	}
+	return nil
+}
+
+// The bench's SOCKS5 client: the exact bytes, each reply address type, and
+// a clear error for a refusal, a method it did not offer and a bad
+// destination.
+func TestSOCKSConnect(t *testing.T) {
+	ctx := context.Background()
+	d := &net.Dialer{Timeout: time.Second}
+	for _, tc := range []struct {
+		name  string
+		reply []byte
+		err   string
+	}{
+		{"ipv4 reply", []byte{5, 0, 0, 1, 127, 0, 0, 1, 0x04, 0x38}, ""},
+		{"ipv6 reply", append(append([]byte{5, 0, 0, 4}, net.IPv6loopback...), 0x04, 0x38), ""},
+		{"name reply", append([]byte{5, 0, 0, 3, 9}, "localhost\x04\x38"...), ""},
+		{"refused", []byte{5, 5, 0, 1, 0, 0, 0, 0, 0, 0}, "code 5"},
+		{"bad address type", []byte{5, 0, 0, 9, 0, 0}, "address type 9"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := scriptedSOCKS(t, func(c net.Conn) error {
+				if err := expect(c, 5, 1, 0); err != nil {
+					return fmt.Errorf("greeting: %w", err)
+				}
+				c.Write([]byte{5, 0})
+				if err := expect(c, 5, 1, 0, 1, 127, 0, 0, 1, 0x13, 0x88); err != nil {
+					return fmt.Errorf("request: %w", err)
+				}
+				c.Write(tc.reply)
+				if tc.err == "" {
+					c.Write([]byte("after"))
+				}
+				return nil
+			})
+			c, err := socksConnector("127.0.0.1:5000")(ctx, d, addr)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err = %v, want one with %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			// The reply was consumed to its end: the next bytes are the
+			// destination's.
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if err := expect(c, []byte("after")...); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Run("method not offered", func(t *testing.T) {
+		addr := scriptedSOCKS(t, func(c net.Conn) error {
+			if err := expect(c, 5, 1, 0); err != nil {
+				return err
+			}
+			_, err := c.Write([]byte{5, 0xff})
+			return err
+		})
+		if _, err := socksConnector("127.0.0.1:5000")(ctx, d, addr); err == nil || !strings.Contains(err.Error(), "want 5 0") {
+			t.Fatalf("err = %v, want a method error", err)
+		}
+	})
+	if _, err := socksConnector("localhost:5000")(ctx, d, "127.0.0.1:1"); err == nil || !strings.Contains(err.Error(), "not an IPv4 address") {
+		t.Errorf("a host name: err = %v, want a destination error", err)
+	}
+}
+
+// The microsocks target against Debian's microsocks: started fresh, an
+// exchange with the echo edge through it, and the bulk stream.
+func TestMicrosocks(t *testing.T) {
+	bin := "/usr/bin/microsocks"
+	if _, err := os.Stat(bin); err != nil {
+		if os.Getenv("WAPROXY_INTEROP") == "1" {
+			t.Fatalf("%s not found (WAPROXY_INTEROP=1): apt-get install microsocks", bin)
+		}
+		t.Skipf("%s not found: apt-get install microsocks", bin)
+	}
+	ctx := context.Background()
+	echoEdge, err := startEdge(false, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echoEdge.close()
+	bulkEdge, err := startEdge(true, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bulkEdge.close()
+	ms := &target{name: socksOnly, kind: kindSOCKS}
+	bin2 := &binaries{microsocks: bin}
+	for _, e := range []*edge{echoEdge, bulkEdge} {
+		p, err := ms.start(ctx, t.TempDir(), 1, bin2, e, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.pid == 0 || p.addr == e.addr() {
+			t.Errorf("microsocks target: pid %d, address %s (the edge is %s)", p.pid, p.addr, e.addr())
+		}
+		if err := e.probe(ctx, p.connector(), p.addr); err != nil {
+			t.Errorf("through microsocks: %v", err)
+		}
+		// Without the SOCKS5 handshake nothing comes back.
+		if err := e.probe(ctx, dialTCP, p.addr); err == nil {
+			t.Error("a plain hello to microsocks came back")
+		}
+		p.stop()
+		if p.alive() {
+			t.Error("microsocks still runs after stop")
+		}
+	}
+	if _, err := ms.start(ctx, t.TempDir(), 1, bin2, echoEdge, &tlsServe{}); err == nil {
+		t.Error("microsocks started for a TLS run")
+	}
+	res := runChat(ctx, socksConnector(echoEdge.addr()), "127.0.0.1:1", 1, 100*time.Millisecond)
+	if res.Conns != 0 || res.Errors == 0 {
+		t.Errorf("exchanges to a closed port: %d done, %d failed", res.Conns, res.Errors)
+	}
+}
+
+// The whole report, from recorded numbers: the SOCKS5 exit hop section,
+// the growth table with its marginal rows and the method's lines for both.
+func TestDocumentSections(t *testing.T) {
+	cfg, err := parseFlags([]string{"-figures", "chat,idle", "-targets", "haproxy-official,waproxy,waproxy-socks5,microsocks"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bench{cfg: cfg}
+	var ts []*target
+	for _, tg := range allTargets() {
+		if slices.Contains(cfg.targets, tg.name) {
+			ts = append(ts, tg)
+		}
+	}
+	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
+	for _, tg := range ts {
+		for round := range cfg.rounds {
+			b.res.set("chat", tg.name, round, 1000)
+			for _, n := range b.checkpoints() {
+				b.res.set(growthKey(n), tg.name, round, 2000)
+			}
+		}
+	}
+	var out bytes.Buffer
+	b.writeDocument(&out)
+	doc := out.String()
+	for _, want := range []string{
+		"## The SOCKS5 exit hop",
+		"| figure | waproxy | waproxy-socks5 | microsocks | waproxy-socks5/waproxy | waproxy-socks5/microsocks |",
+		"| chat conn/s, 32 workers, 5s | 1,000 | 1,000 | 1,000 | 1.00× | 1.00× |",
+		"by connections held (median; a fresh process for each count)",
+		"| marginal, 5,000 → 9,000 | 2,000 | 2,000 | 2,000 | 2,000 |",
+		"N is 1,000, 5,000, 9,000, each on a fresh process",
+		"**microsocks**: that exit hop alone",
+	} {
+		if !strings.Contains(doc, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	b.cfg.scaling = false
+	out.Reset()
+	b.writeDocument(&out)
+	if !strings.Contains(out.String(), "one process, read as it fills") || !strings.Contains(out.String(), "memory is read again once stable at 1,000, 5,000, 9,000 held") {
+		t.Errorf("-scaling=false report does not say memory was read in one process")
 	}
 }

@@ -114,9 +114,23 @@ func (b *bench) writeDocument(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\n## Every target against %s (same-round ratios, median)\n\n", baseline)
 	b.res.writeRatios(w)
+	if b.res.hasTarget(viaSOCKS) || b.res.hasTarget(socksOnly) {
+		fmt.Fprintf(w, "\n## The SOCKS5 exit hop (medians; same-round ratios, median)\n\n")
+		fmt.Fprintf(w, "%s is waproxy with its SOCKS5 dialer to a local microsocks (client → waproxy → microsocks → edge; "+
+			"its memory and CPU figures are the Caddy process's alone); %s is that exit hop alone (client → microsocks → edge: "+
+			"the client speaks SOCKS5), since HAProxy has no SOCKS5.\n\n", viaSOCKS, socksOnly)
+		b.res.writeExitHop(w)
+	}
 	if b.has("idle") {
-		fmt.Fprintf(w, "\n## Bytes per idle chat connection (RSS) by connections held (median)\n\n")
+		if cfg.scaling {
+			fmt.Fprintf(w, "\n## Bytes per idle chat connection (RSS) by connections held (median; a fresh process for each count)\n\n")
+		} else {
+			fmt.Fprintf(w, "\n## Bytes per idle chat connection (RSS) by connections held (median; one process, read as it fills)\n\n")
+		}
 		b.res.writeGrowth(w)
+		fmt.Fprintf(w, "\nEach count's figure is (RSS held − RSS before) / held; a marginal row is what each connection added between two counts "+
+			"costs: (figure(b)·b − figure(a)·a) / (b − a), from the same round. Linear growth shows as marginal costs equal to the figures; "+
+			"a fixed cost as figures that fall with the count.\n")
 	}
 	if b.has("tls") {
 		fmt.Fprintf(w, "\n## TLS certificates\n\n")
@@ -158,7 +172,7 @@ func (b *bench) writeMethod(w io.Writer) {
 	lines := []string{
 		"Everything runs on 127.0.0.1: the bench program is the client and also the edge (a stand-in for WhatsApp's chat server) that every target connects to; client, edge and proxy share the machine's CPUs. " +
 			"WhatsApp-shaped traffic: each connection starts with the 43-byte hello `57 41 06 03 00 00 24 12 22 0A 20` + 32 random bytes, then frames (3-byte big-endian length + payload); the echo edge echoes every byte.",
-		"Targets: **direct** (client to edge); **haproxy-official**: HAProxy from Debian, TCP mode, shaped like the official WhatsApp proxy config (`maxconn 27500`, frontend `maxconn 27495`, `tune.bufsize 4096`, `timeout connect 5s`, `client/server 200s`, `client-fin/server-fin 1s`), one frontend, the edge as the only server, without `send-proxy` and without health checks, run with `-db` (foreground, one process, no master-worker) so the pid measured is the one holding the connections; `no strict-limits` is added so it starts when the descriptor limit is below the 2×maxconn it asks for (it then runs with the limit it has); **haproxy-16k**: the same with `tune.bufsize 16384`; **caddy-l4**: stock caddy-l4 in the same Caddy binary, one layer4 route with its `proxy` handler; **waproxy**: the same binary, a `wa_xmpp` matcher and `wa_proxy` (direct dialer, `allow 127.0.0.1`). Both Caddy targets run `caddy run --config` with the admin endpoint on a loopback port and logs at WARN.",
+		"Targets: **direct** (client to edge); **haproxy-official**: HAProxy from Debian, TCP mode, shaped like the official WhatsApp proxy config (`maxconn 27500`, frontend `maxconn 27495`, `tune.bufsize 4096`, `timeout connect 5s`, `client/server 200s`, `client-fin/server-fin 1s`), one frontend, the edge as the only server, without `send-proxy` and without health checks, run with `-db` (foreground, one process, no master-worker) so the pid measured is the one holding the connections; `no strict-limits` is added so it starts when the descriptor limit is below the 2×maxconn it asks for (it then runs with the limit it has); **haproxy-16k**: the same with `tune.bufsize 16384`; **caddy-l4**: stock caddy-l4 in the same Caddy binary, one layer4 route with its `proxy` handler; **waproxy**: the same binary, a `wa_xmpp` matcher and `wa_proxy` (direct dialer, `allow 127.0.0.1`); **waproxy-socks5**: the same with the SOCKS5 dialer (`via socks5`) to a microsocks (Debian's microsocks, no authentication) started afresh with every run, the edge the destination it connects to; **microsocks**: that exit hop alone, a fresh microsocks per run, the client doing a SOCKS5 CONNECT (no authentication, greeting and request one after the other) to the edge on every connection before its hello. The Caddy targets run `caddy run --config` with the admin endpoint on a loopback port and logs at WARN. For waproxy-socks5 the memory and CPU figures are the Caddy process's alone; the microsocks target measures the exit hop's own.",
 		fmt.Sprintf("Rounds: %d. In each round every figure is measured for every target in turn, the target order rotated by one each round; every run starts a fresh proxy process and stops it afterwards. Medians over rounds; ratios are computed within a round, then their median is taken.", cfg.rounds),
 	}
 	if b.has("chat") {
@@ -166,8 +180,14 @@ func (b *bench) writeMethod(w io.Writer) {
 	}
 	if b.has("idle") {
 		cp := b.checkpoints()
-		lines = append(lines, fmt.Sprintf("**Bytes per idle connection**: on a freshly started proxy, 32 warm-up connections are made and closed, then the proxy's memory is read once its RSS is stable (5 readings 200 ms apart within 128 KiB or 0.2%%, at most %s). Then %s connections are opened (64 at a time), each fully established through the proxy (hello sent and echoed), memory is read again once stable at %s held; (after − before) / held. RSS is VmRSS from /proc/PID/status; PSS from /proc/PID/smaps_rollup. Both are user-space memory only; the kernel's socket memory is not counted (for any target). HAProxy is one process (`-db`), Caddy is one process. At the end a 100-byte frame is sent on every held connection and its echo checked; a run where any held connection fails is discarded.",
-			cfg.stableMax, formatCount(float64(cfg.idleConns)), joinCounts(cp)))
+		held := fmt.Sprintf("Then %s connections are opened (64 at a time), each fully established through the proxy (hello sent and echoed), memory is read again once stable at %s held; (after − before) / held.",
+			formatCount(float64(cfg.idleConns)), joinCounts(cp))
+		if cfg.scaling {
+			held = fmt.Sprintf("Then N connections are opened (64 at a time), each fully established through the proxy (hello sent and echoed), and memory is read again once stable; (after − before) / N. N is %s, each on a fresh process (one run per count and target, the smallest count first, every target in turn); the %s run gives the main figure.",
+				joinCounts(cp), formatCount(float64(cfg.idleConns)))
+		}
+		lines = append(lines, fmt.Sprintf("**Bytes per idle connection**: on a freshly started proxy, 32 warm-up connections are made and closed, then the proxy's memory is read once its RSS is stable (5 readings 200 ms apart within 128 KiB or 0.2%%, at most %s). %s RSS is VmRSS from /proc/PID/status; PSS from /proc/PID/smaps_rollup. Both are user-space memory only; the kernel's socket memory is not counted (for any target). HAProxy is one process (`-db`), Caddy is one process, microsocks is one process with a thread per connection. At the end a 100-byte frame is sent on every held connection and its echo checked; a run where any held connection fails is discarded.",
+			cfg.stableMax, held))
 	}
 	if cfg.idleFrame > 0 && (b.has("idle") || b.has("tls")) {
 		lines = append(lines, fmt.Sprintf("**-idle-frame %d**: in both idle figures each held connection, after its hello, also carried one frame of %s payload bytes (echoed and checked) before it was left idle.", cfg.idleFrame, formatCount(float64(cfg.idleFrame))))
@@ -181,7 +201,7 @@ func (b *bench) writeMethod(w io.Writer) {
 			groups = "Go's default list (X25519MLKEM768 first), so each server picks what it prefers"
 		}
 		lines = append(lines,
-			"**TLS targets**: every proxy terminates TLS and sends the decrypted chat stream to the echo edge. **haproxy-official** / **haproxy-16k**: the same configs as above with `bind <addr> ssl crt <pem>` (the official proxy's port 443); **caddy-l4**: caddy-l4's `tls` matcher, `tls` handler and `proxy`; **waproxy**: the routes of examples/tls.Caddyfile (wa_silent; wa_tls or wa_xmpp into a subroute: media passthrough by server name, Caddy's `tls` handler for any other TLS, `wa_xmpp` → `wa_proxy` on the decrypted stream, a catch-all) with the edge as the destination; both Caddy targets with `default_sni`/`fallback_sni` "+tlsServerName+"; **direct**: a TLS echo server in the bench process (Go's crypto/tls) with the same certificate.",
+			"**TLS targets**: every proxy terminates TLS and sends the decrypted chat stream to the echo edge. **haproxy-official** / **haproxy-16k**: the same configs as above with `bind <addr> ssl crt <pem>` (the official proxy's port 443); **caddy-l4**: caddy-l4's `tls` matcher, `tls` handler and `proxy`; **waproxy**: the routes of examples/tls.Caddyfile (wa_silent; wa_tls or wa_xmpp into a subroute: media passthrough by server name, Caddy's `tls` handler for any other TLS, `wa_xmpp` → `wa_proxy` on the decrypted stream, a catch-all) with the edge as the destination; **waproxy-socks5**: the same, every `wa_proxy` through microsocks, in the ECDSA P-256 row only (the hop's cost does not depend on the certificate, and its idle TLS connections would repeat waproxy's: the hop is behind the TLS termination); microsocks terminates no TLS and has no TLS figure; the Caddy targets with `default_sni`/`fallback_sni` "+tlsServerName+"; **direct**: a TLS echo server in the bench process (Go's crypto/tls) with the same certificate.",
 			fmt.Sprintf("**TLS client**: as WhatsApp's on port 443, no server name (it connects to an IP address) and no certificate check; no session cache, so every connection is a full handshake (no resumption). Key exchange groups offered: %s. Each run's readiness probe checks that the target presents the certificate type of its row and records the version, cipher suite and group it negotiated (per-run details below).", groups),
 			fmt.Sprintf("**TLS conn/s**: %d workers, each in a loop: connect, full handshake, send the hello and one 100-byte frame in one write, read the full echo, close; %s of warm-up, then %s measured, on a fresh process per certificate row. Proxy CPU per TLS connection as for chat. Rows with the same certificate for every target are the fair comparison; the default row compares what each ships with.", cfg.tlsWorkers, warm, cfg.duration),
 			fmt.Sprintf("**Bytes per idle TLS connection**: on a fresh process (%s), 32 warm-up TLS connections made and closed, RSS read once stable (as for the chat figure); then %s TLS connections opened (32 handshakes at a time), each with its hello sent and echoed through the proxy and then left idle (the proxy waits to read from the client's TLS connection and from the upstream socket); RSS read again once stable; (after − before) / held. For the Caddy targets, right after each of the two RSS readings a garbage collection is forced (`/debug/pprof/heap?gc=1` on the admin endpoint) and Go's own figures are read (StackInuse and HeapAlloc from /debug/vars, the goroutine count from /debug/pprof/goroutine): their differences per connection are the Go stacks, live heap and goroutines rows. RSS is not their sum: heap garbage not yet collected counts in RSS (how much depends on where the collector's cycle stands when RSS is read), and the pages of a buffer that were never written are not resident. At the end a frame is sent on every held connection and its echo checked.",

@@ -151,17 +151,18 @@ func bulkChunk() []byte {
 }
 
 // probe runs one exchange with this edge through addr (the edge itself or a
-// proxy in front of it): the readiness check. For an echo edge the hello
-// comes back; for a bulk edge the start of its stream arrives.
-func (e *edge) probe(ctx context.Context, addr string) error {
+// proxy in front of it), connecting with dial: the readiness check. For an
+// echo edge the hello comes back; for a bulk edge the start of its stream
+// arrives.
+func (e *edge) probe(ctx context.Context, dial connector, addr string) error {
 	r := rand.New(rand.NewPCG(7, uint64(time.Now().UnixNano())))
 	hello := make([]byte, helloLen)
 	putHello(hello, r)
 	d := &net.Dialer{Timeout: time.Second}
 	if !e.bulk {
-		return chatOnce(ctx, d, dialTCP, addr, hello, make([]byte, helloLen))
+		return chatOnce(ctx, d, dial, addr, hello, make([]byte, helloLen))
 	}
-	c, err := d.DialContext(ctx, "tcp", addr)
+	c, err := dial(ctx, d, addr)
 	if err != nil {
 		return err
 	}
@@ -329,10 +330,10 @@ type bulkResult struct {
 	FirstErr string
 }
 
-// runBulk opens streams connections to addr (a bulk edge, directly or
-// through a proxy), sends each a hello, lets the bytes flow for warm, then
-// counts what arrives at the clients during d.
-func runBulk(ctx context.Context, addr string, streams int, warm, d time.Duration) bulkResult {
+// runBulk opens streams connections to addr with dial (a bulk edge,
+// directly or through a proxy), sends each a hello, lets the bytes flow for
+// warm, then counts what arrives at the clients during d.
+func runBulk(ctx context.Context, dial connector, addr string, streams int, warm, d time.Duration) bulkResult {
 	var res bulkResult
 	var conns []net.Conn
 	defer func() {
@@ -344,7 +345,7 @@ func runBulk(ctx context.Context, addr string, streams int, warm, d time.Duratio
 	dialer := &net.Dialer{Timeout: opTimeout}
 	hello := make([]byte, helloLen)
 	for range streams {
-		c, err := dialer.DialContext(ctx, "tcp", addr)
+		c, err := dial(ctx, dialer, addr)
 		if err == nil {
 			putHello(hello, r)
 			c.SetWriteDeadline(time.Now().Add(opTimeout))

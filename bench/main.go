@@ -2,12 +2,14 @@
 
 // Command bench measures caddy-waproxy side by side with the official
 // WhatsApp proxy's setup (HAProxy 2.6 in TCP mode, shaped like its config),
-// HAProxy with 16 KiB buffers, stock caddy-l4 and a direct connection, on
+// HAProxy with 16 KiB buffers, stock caddy-l4, a direct connection, and the
+// cost of a SOCKS5 exit hop (caddy-waproxy through microsocks, and
+// microsocks alone), on
 // WhatsApp-shaped traffic over loopback, plain and with TLS terminated by
 // the proxy (HAProxy `bind ... ssl crt`, as the official port 443), and
 // writes a markdown report.
 //
-//	go run ./bench -caddy ./caddy                 # the full comparison, about 9 minutes on 2 cores
+//	go run ./bench -caddy ./caddy                 # the full comparison, about 13 minutes on 2 cores
 //	go run ./bench -caddy ./caddy -quick          # under a minute: a smoke test of the harness
 //	go run ./bench -caddy ./caddy -figures tls    # the TLS figures only
 //
@@ -36,11 +38,13 @@ import (
 // config is the command line.
 type config struct {
 	caddy, haproxy, out string
+	microsocks          string
 	rounds              int
 	duration            time.Duration
 	workers, streams    int
 	idleConns           int
 	idleFrame           int
+	scaling             bool // the idle figure at 1/9, 5/9 and 9/9 of idleConns, each on a fresh process
 	stableMax           time.Duration
 	maxTime             time.Duration
 	targets, figures    []string
@@ -120,16 +124,18 @@ func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.StringVar(&cfg.caddy, "caddy", "./caddy", "the Caddy binary built with this plugin and caddy-l4")
 	fs.StringVar(&cfg.haproxy, "haproxy", "/usr/sbin/haproxy", "the HAProxy binary (Debian's haproxy package)")
+	fs.StringVar(&cfg.microsocks, "microsocks", "/usr/bin/microsocks", "the SOCKS5 server of the waproxy-socks5 and microsocks targets (Debian's microsocks package)")
 	fs.StringVar(&cfg.out, "out", "docs/bench-latest.md", "where to write the markdown report")
 	fs.IntVar(&cfg.rounds, "rounds", 3, "rounds; each runs every target once per figure")
 	fs.DurationVar(&cfg.duration, "duration", 5*time.Second, "measuring time of the chat and throughput runs")
 	fs.IntVar(&cfg.workers, "workers", 32, "concurrent chat workers")
 	fs.IntVar(&cfg.streams, "streams", 16, "concurrent throughput streams")
 	fs.IntVar(&cfg.idleConns, "idle-conns", 9000, "connections held for the idle memory figure")
+	fs.BoolVar(&cfg.scaling, "scaling", true, "idle figure: hold 1/9, 5/9 and all of -idle-conns, each on a freshly started proxy (false: one run, memory read at those counts as it fills)")
 	fs.IntVar(&cfg.idleFrame, "idle-frame", 0, "idle figures: each held connection first carries a frame of this many bytes (0: the hello only)")
 	fs.DurationVar(&cfg.stableMax, "stable-wait", 20*time.Second, "longest wait for a proxy's RSS to settle")
 	fs.DurationVar(&cfg.maxTime, "max-time", 14*time.Minute, "time budget; no new run starts after it")
-	targets := fs.String("targets", "direct,haproxy-official,haproxy-16k,caddy-l4,waproxy", "targets to run, in round order")
+	targets := fs.String("targets", "direct,haproxy-official,haproxy-16k,caddy-l4,waproxy,waproxy-socks5,microsocks", "targets to run, in round order")
 	figures := fs.String("figures", "chat,idle,bulk,tls", "figures to measure: chat (conn/s, latency), idle (bytes per connection), bulk (MB/s), tls (TLS conn/s and bytes per idle TLS connection)")
 	tlsCerts := fs.String("tls-certs", "rsa2048,p256,default", "tls figure: certificate rows for TLS conn/s (rsa2048, rsa4096, p256: every target serves the same; default: each target's own)")
 	fs.StringVar(&cfg.tlsIdleCert, "tls-idle-cert", "p256", "tls figure: the certificate row of the idle TLS figure")
@@ -274,12 +280,12 @@ type bench struct {
 
 func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	// the proxies run in a temporary directory: make relative paths absolute
-	for _, p := range []*string{&cfg.caddy, &cfg.haproxy} {
+	for _, p := range []*string{&cfg.caddy, &cfg.haproxy, &cfg.microsocks} {
 		if abs, err := filepath.Abs(*p); err == nil {
 			*p = abs
 		}
 	}
-	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, haproxy: cfg.haproxy}}
+	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, haproxy: cfg.haproxy, microsocks: cfg.microsocks}}
 	b.info.started = time.Now()
 	b.deadline = b.info.started.Add(cfg.maxTime)
 	var ts []*target
@@ -364,33 +370,37 @@ func (b *bench) metrics() []metric {
 	if b.has("tls") {
 		for _, row := range b.cfg.tlsCerts {
 			same := row != "default"
-			ms = append(ms, metric{key: "tls:" + row, tls: true,
+			ms = append(ms, metric{key: "tls:" + row, tls: true, row: row,
 				label:    fmt.Sprintf("TLS conn/s, %s, %d workers, %s", tlsRowLabel(row), b.cfg.tlsWorkers, b.cfg.duration),
 				vsDirect: same, proxyOnly: !same, format: formatCount})
 		}
 		for _, row := range b.cfg.tlsCerts {
-			ms = append(ms, metric{key: "tls-cpu:" + row, tls: true, label: "proxy CPU per TLS connection, µs, " + tlsRowLabel(row),
+			ms = append(ms, metric{key: "tls-cpu:" + row, tls: true, row: row, label: "proxy CPU per TLS connection, µs, " + tlsRowLabel(row),
 				proxyOnly: true, format: formatCount})
 		}
 		idle := fmt.Sprintf("%s held, %s", formatCount(float64(b.cfg.tlsIdleConns)), tlsRowLabel(b.cfg.tlsIdleCert))
+		r := b.cfg.tlsIdleCert
 		ms = append(ms,
-			metric{key: "tls-idle", tls: true, label: "bytes per idle TLS connection, RSS (" + idle + ")", proxyOnly: true, format: formatCount},
-			metric{key: "tls-idle-stack", tls: true, label: "Go stacks per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
-			metric{key: "tls-idle-heap", tls: true, label: "Go live heap per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
-			metric{key: "tls-idle-goroutines", tls: true, label: "goroutines per idle TLS connection", goOnly: true, format: formatFrac})
+			metric{key: "tls-idle", tls: true, row: r, tlsIdle: true, label: "bytes per idle TLS connection, RSS (" + idle + ")", proxyOnly: true, format: formatCount},
+			metric{key: "tls-idle-stack", tls: true, row: r, tlsIdle: true, label: "Go stacks per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
+			metric{key: "tls-idle-heap", tls: true, row: r, tlsIdle: true, label: "Go live heap per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
+			metric{key: "tls-idle-goroutines", tls: true, row: r, tlsIdle: true, label: "goroutines per idle TLS connection", goOnly: true, format: formatFrac})
 	}
 	return ms
 }
 
-// checkpoints are the connection counts at which idle memory is read: 1/9,
-// 5/9 and all of -idle-conns (1,000, 5,000 and 9,000 by default).
+// checkpoints are the connection counts at which idle memory is measured:
+// 1/9, 5/9 and all of -idle-conns (1,000, 5,000 and 9,000 by default). With
+// -scaling each is a run of its own on a fresh process; without, one run
+// reads memory at each as it fills.
 func (b *bench) checkpoints() []int {
 	if !b.has("idle") {
 		return nil
 	}
-	n := b.cfg.idleConns
-	return []int{n / 9, n * 5 / 9, n}
+	return levels(b.cfg.idleConns)
 }
+
+func levels(n int) []int { return []int{n / 9, n * 5 / 9, n} }
 
 // warm is how long a chat or bulk run warms up before it measures.
 func (b *bench) warm() time.Duration { return min(time.Second, b.cfg.duration/5) }
@@ -426,7 +436,7 @@ func (b *bench) runAll(ctx context.Context) {
 			case "chat":
 				b.runChat(ctx, round, s.t)
 			case "idle":
-				b.runIdle(ctx, round, s.t)
+				b.runIdle(ctx, round, s.t, s.held)
 			case "bulk":
 				b.runBulk(ctx, round, s.t)
 			case "tls":
@@ -442,16 +452,18 @@ func (b *bench) runAll(ctx context.Context) {
 // step is one run of a round: a figure for a target (and for the tls
 // figure, a certificate row).
 type step struct {
-	fig string // chat, idle, bulk, tls, tls-idle
-	t   *target
-	row string
+	fig  string // chat, idle, bulk, tls, tls-idle
+	t    *target
+	row  string
+	held int // idle: connections to hold (0: -idle-conns, memory read at every checkpoint)
 }
 
 // steps lists a round's runs in order: figure by figure, and within the tls
 // figure certificate row by row, every target in turn, so that the runs
-// whose ratios are taken follow one another; then the idle TLS runs.
-// Targets without a value for a figure (direct for idle ones, direct for
-// the default certificate) have no step.
+// whose ratios are taken follow one another; then the idle TLS runs. With
+// -scaling the idle figure is one step per connection count, the smallest
+// first. Targets without a value for a figure (direct for idle ones; see
+// tlsRuns for the tls figure) have no step.
 func (b *bench) steps(order []*target) []step {
 	var out []step
 	for _, fig := range b.cfg.figures {
@@ -459,20 +471,26 @@ func (b *bench) steps(order []*target) []step {
 		case "tls":
 			for _, row := range b.cfg.tlsCerts {
 				for _, t := range order {
-					if row != "default" || t.kind != kindDirect {
+					if t.tlsRuns(row, false) {
 						out = append(out, step{fig: "tls", t: t, row: row})
 					}
 				}
 			}
 			for _, t := range order {
-				if t.kind != kindDirect {
+				if t.tlsRuns(b.cfg.tlsIdleCert, true) {
 					out = append(out, step{fig: "tls-idle", t: t, row: b.cfg.tlsIdleCert})
 				}
 			}
 		case "idle":
-			for _, t := range order {
-				if t.kind != kindDirect {
-					out = append(out, step{fig: fig, t: t})
+			counts := []int{0}
+			if b.cfg.scaling {
+				counts = b.checkpoints()
+			}
+			for _, n := range counts {
+				for _, t := range order {
+					if t.kind != kindDirect {
+						out = append(out, step{fig: fig, t: t, held: n})
+					}
 				}
 			}
 		default:

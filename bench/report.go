@@ -15,10 +15,12 @@ import (
 type metric struct {
 	key       string
 	label     string
-	proxyOnly bool // a direct connection has no value (no proxy process)
-	goOnly    bool // only Go (Caddy) processes have a value
-	tls       bool // a row of the tls figure (its own table)
-	vsDirect  bool // the ratio against direct means something
+	proxyOnly bool   // a direct connection has no value (no proxy process)
+	goOnly    bool   // only Go (Caddy) processes have a value
+	tls       bool   // a row of the tls figure (its own table)
+	row       string // tls: the certificate row
+	tlsIdle   bool   // tls: a figure of the idle TLS run
+	vsDirect  bool   // the ratio against direct means something
 	format    func(float64) string
 }
 
@@ -168,12 +170,25 @@ func formatMS(x float64) string {
 	return fmt.Sprintf("%.2f", x)
 }
 
+// appliesTo reports whether target t has a value for m: direct has no
+// proxy process, only Caddy has Go's figures, and the tls figure's runs are
+// those of target.tlsRuns.
+func (m metric) appliesTo(t *target) bool {
+	switch {
+	case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
+		return false
+	case m.tls:
+		return t.tlsRuns(m.row, m.tlsIdle)
+	}
+	return true
+}
+
 // cell is the table entry for a target's median of key.
 func (r *results) cell(m metric, t *target) string {
 	switch {
 	case t.notRun != "":
 		return "not run"
-	case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
+	case !m.appliesTo(t):
 		return "–"
 	}
 	v := median(r.vals[m.key][t.name])
@@ -282,7 +297,7 @@ func (r *results) writeRatios(w io.Writer) {
 		}
 		row := []string{m.label}
 		for _, t := range others {
-			if m.proxyOnly && t.kind == kindDirect {
+			if !m.appliesTo(t) {
 				row = append(row, "–")
 				continue
 			}
@@ -292,7 +307,8 @@ func (r *results) writeRatios(w io.Writer) {
 	}
 }
 
-// writeGrowth writes bytes per idle connection at each checkpoint.
+// writeGrowth writes bytes per idle connection at each checkpoint, then the
+// marginal cost of the connections added between two checkpoints.
 func (r *results) writeGrowth(w io.Writer) {
 	head := []string{"connections held"}
 	var proxies []*target
@@ -311,6 +327,103 @@ func (r *results) writeGrowth(w io.Writer) {
 		}
 		writeRow(w, row)
 	}
+	for i := 1; i < len(r.growth); i++ {
+		lo, hi := r.growth[i-1], r.growth[i]
+		row := []string{fmt.Sprintf("marginal, %s → %s", formatCount(float64(lo)), formatCount(float64(hi)))}
+		for _, t := range proxies {
+			switch v := r.marginal(t.name, lo, hi); {
+			case t.notRun != "":
+				row = append(row, "not run")
+			case math.IsNaN(v):
+				row = append(row, "–")
+			default:
+				row = append(row, formatCount(v))
+			}
+		}
+		writeRow(w, row)
+	}
+}
+
+// marginal is the median over rounds of the bytes per connection added
+// between lo and hi connections held: (per(hi)·hi − per(lo)·lo) / (hi − lo)
+// from the same round's figures.
+func (r *results) marginal(target string, lo, hi int) float64 {
+	a, b := r.vals[growthKey(lo)][target], r.vals[growthKey(hi)][target]
+	var out []float64
+	for i := range min(len(a), len(b)) {
+		if !math.IsNaN(a[i]) && !math.IsNaN(b[i]) && hi > lo {
+			out = append(out, (b[i]*float64(hi)-a[i]*float64(lo))/float64(hi-lo))
+		}
+	}
+	return median(out)
+}
+
+// exitHop names the targets of the SOCKS5 exit hop table.
+const (
+	viaSOCKS  = "waproxy-socks5"
+	socksOnly = "microsocks"
+)
+
+// writeExitHop writes the cost of the SOCKS5 exit hop: waproxy direct and
+// through microsocks, microsocks alone, and same-round ratios between them.
+// It writes nothing without waproxy-socks5 or microsocks in the run.
+func (r *results) writeExitHop(w io.Writer) {
+	if !r.hasTarget(viaSOCKS) && !r.hasTarget(socksOnly) {
+		return
+	}
+	var ts []*target
+	for _, name := range []string{"waproxy", viaSOCKS, socksOnly} {
+		for _, t := range r.targets {
+			if t.name == name {
+				ts = append(ts, t)
+			}
+		}
+	}
+	head := []string{"figure"}
+	for _, t := range ts {
+		head = append(head, t.name)
+	}
+	ratios := [][2]string{}
+	for _, p := range [][2]string{{viaSOCKS, "waproxy"}, {viaSOCKS, socksOnly}} {
+		if r.hasTarget(p[0]) && r.hasTarget(p[1]) {
+			ratios = append(ratios, p)
+			head = append(head, p[0]+"/"+p[1])
+		}
+	}
+	writeRow(w, head)
+	writeRow(w, dashes(len(head)))
+	for _, m := range r.metrics {
+		applies := false
+		for _, t := range ts {
+			applies = applies || (t.name != "waproxy" && m.appliesTo(t))
+		}
+		if !applies {
+			continue
+		}
+		row := []string{m.label}
+		for _, t := range ts {
+			row = append(row, r.cell(m, t))
+		}
+		for _, p := range ratios {
+			a, b := r.target(p[0]), r.target(p[1])
+			if !m.appliesTo(a) || !m.appliesTo(b) {
+				row = append(row, "–")
+				continue
+			}
+			row = append(row, formatRatio(r.ratio(m.key, p[0], p[1])))
+		}
+		writeRow(w, row)
+	}
+}
+
+// target returns the target of that name (nil if it is not in the run).
+func (r *results) target(name string) *target {
+	for _, t := range r.targets {
+		if t.name == name {
+			return t
+		}
+	}
+	return nil
 }
 
 // writeRaw writes every round's number for every metric.
@@ -330,7 +443,7 @@ func (r *results) writeRaw(w io.Writer) {
 				switch {
 				case t.notRun != "":
 					row = append(row, "not run")
-				case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
+				case !m.appliesTo(t):
 					row = append(row, "–")
 				case math.IsNaN(v):
 					row = append(row, "–")

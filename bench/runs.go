@@ -75,7 +75,7 @@ func (b *bench) runExchanges(ctx context.Context, round int, t *target, x exchan
 		return
 	}
 	defer p.stop()
-	dial := dialTCP
+	dial := p.connector()
 	if x.ts != nil {
 		dial = x.ts.dial
 	}
@@ -132,16 +132,28 @@ type idleSpec struct {
 	conns       int       // connections to hold
 	checkpoints []int     // memory is read at each of these counts held
 	growth      bool      // record each checkpoint's figure (growthKey)
-	rss, pss    string    // metric keys of the final figure
+	rss, pss    string    // metric keys of the final figure ("": none)
 	goKeys      bool      // Caddy: also Go stacks, live heap and goroutines per connection
 	openTimeout time.Duration
 }
 
-// runIdle measures bytes per idle chat connection.
-func (b *bench) runIdle(ctx context.Context, round int, t *target) {
-	n := b.cfg.idleConns
-	b.runIdleSpec(ctx, round, t, idleSpec{fig: "idle", conns: n, checkpoints: b.checkpoints(), growth: true,
-		rss: "idle", pss: "idle-pss", openTimeout: time.Duration(n)*2*time.Millisecond + 30*time.Second})
+// runIdle measures bytes per idle chat connection: with held 0, holding
+// -idle-conns and reading memory at every checkpoint as they fill; else
+// (-scaling) holding held connections on a fresh process, which gives the
+// figure of that count in the growth table and, for -idle-conns itself, the
+// main figure.
+func (b *bench) runIdle(ctx context.Context, round int, t *target, held int) {
+	spec := idleSpec{fig: "idle", conns: b.cfg.idleConns, checkpoints: b.checkpoints(), growth: true,
+		rss: "idle", pss: "idle-pss"}
+	if held > 0 {
+		spec.fig = "idle " + formatCount(float64(held))
+		spec.conns, spec.checkpoints = held, []int{held}
+		if held != b.cfg.idleConns {
+			spec.rss, spec.pss = "", ""
+		}
+	}
+	spec.openTimeout = time.Duration(spec.conns)*2*time.Millisecond + 30*time.Second
+	b.runIdleSpec(ctx, round, t, spec)
 }
 
 // runTLSIdle measures bytes per idle TLS connection (terminated by the
@@ -168,7 +180,7 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 		return
 	}
 	defer p.stop()
-	dial, conc := dialTCP, 64
+	dial, conc := p.connector(), 64
 	if spec.ts != nil {
 		dial, conc = spec.ts.dial, 32
 	}
@@ -192,6 +204,12 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 	}
 	details := []string{fmt.Sprintf("baseline RSS %s B (PSS %s, private %s)",
 		formatCount(float64(before.RSS)), formatCount(float64(before.PSS)), formatCount(float64(before.Private)))}
+	// waproxy-socks5: the exit hop's own memory, for the notes (its figure
+	// is the microsocks target's).
+	var exit0 memSample
+	if p.exit != nil {
+		exit0, _ = readMem(p.exit.pid)
+	}
 	if !settled {
 		details = append(details, "baseline RSS did not settle")
 	}
@@ -229,6 +247,12 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 		details = append(details, d)
 	}
 	held := len(pool.conns)
+	if p.exit != nil {
+		if exit1, err := readMem(p.exit.pid); err == nil && exit0.RSS > 0 {
+			details = append(details, fmt.Sprintf("its microsocks: RSS %s → %s B, %s B/conn (not counted in this figure)",
+				formatCount(float64(exit0.RSS)), formatCount(float64(exit1.RSS)), formatCount(float64(exit1.RSS-exit0.RSS)/float64(held))))
+		}
+	}
 	var go1 goMem
 	if spec.goKeys {
 		profile := ""
@@ -270,7 +294,9 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 		b.fail(round, t, spec.fig, fmt.Errorf("only %d of %d connections established (first error: %s); figure discarded", held, spec.conns, pool.firstErr))
 		return
 	}
-	b.res.set(spec.rss, t.name, round, float64(last.RSS-before.RSS)/float64(held))
+	if spec.rss != "" {
+		b.res.set(spec.rss, t.name, round, float64(last.RSS-before.RSS)/float64(held))
+	}
 	if spec.pss != "" && last.PSS > 0 && before.PSS > 0 {
 		b.res.set(spec.pss, t.name, round, float64(last.PSS-before.PSS)/float64(held))
 	}
@@ -286,7 +312,7 @@ func (b *bench) runBulk(ctx context.Context, round int, t *target) {
 	}
 	defer p.stop()
 	cpuUsed := cpuSince(p)
-	res := runBulk(ctx, p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
+	res := runBulk(ctx, p.connector(), p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
 	switch {
 	case !p.alive():

@@ -27,18 +27,20 @@ const (
 	kindDirect targetKind = iota
 	kindHAProxy
 	kindCaddy
+	kindSOCKS // a SOCKS5 server alone (microsocks): the client speaks SOCKS5 to it
 )
 
 // target is one way for the client to reach the edge.
 type target struct {
 	name       string
 	kind       targetKind
-	bufsize    int                   // HAProxy's tune.bufsize
-	routes     func(edge string) any // Caddy: the layer4 server's routes
-	tlsRoutes  func(edge string) any // Caddy: the routes when it terminates TLS
-	modules    []string              // Caddy: modules the binary must have
-	tlsModules []string              // Caddy: and those the tls figure needs
-	notRun     string                // why the target is not run; "" when it is
+	bufsize    int                          // HAProxy's tune.bufsize
+	routes     func(edge, socks string) any // Caddy: the layer4 server's routes ("" socks: dial directly)
+	tlsRoutes  func(edge, socks string) any // Caddy: the routes when it terminates TLS
+	modules    []string                     // Caddy: modules the binary must have
+	tlsModules []string                     // Caddy: and those the tls figure needs
+	socks      bool                         // Caddy: dials through a microsocks started with it
+	notRun     string                       // why the target is not run; "" when it is
 }
 
 // baseline is the target the ratios are computed against.
@@ -57,11 +59,35 @@ func allTargets() []*target {
 			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"},
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
 				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
+		{name: "waproxy-socks5", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, socks: true,
+			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy", "wa.dialers.socks5"},
+			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
+				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
+		{name: "microsocks", kind: kindSOCKS},
 	}
 }
 
+// tlsRuns reports whether target t has a run in the tls figure's
+// certificate row (idle: the idle TLS run). microsocks does not terminate
+// TLS. waproxy-socks5 runs the ECDSA P-256 row alone: what the exit hop
+// costs does not depend on the certificate, and its other rows and idle TLS
+// connections would repeat waproxy's (the hop is behind the TLS
+// termination, on a plain socket either way), so they are left out to keep
+// the run short. direct has no default certificate.
+func (t *target) tlsRuns(row string, idle bool) bool {
+	switch {
+	case t.kind == kindSOCKS:
+		return false
+	case t.socks:
+		return !idle && row == "p256"
+	case t.kind == kindDirect:
+		return !idle && row != "default"
+	}
+	return true
+}
+
 // caddyL4Routes is stock caddy-l4: one route, its proxy handler, no matcher.
-func caddyL4Routes(edge string) any {
+func caddyL4Routes(edge, _ string) any {
 	return []any{map[string]any{
 		"handle": []any{map[string]any{
 			"handler":   "proxy",
@@ -71,16 +97,25 @@ func caddyL4Routes(edge string) any {
 }
 
 // waproxyRoutes is our plugin: wa_xmpp detection, then wa_proxy with the
-// default (direct) dialer.
-func waproxyRoutes(edge string) any {
+// default (direct) dialer, or with the SOCKS5 dialer to socks.
+func waproxyRoutes(edge, socks string) any {
 	return []any{map[string]any{
-		"match": []any{map[string]any{"wa_xmpp": map[string]any{}}},
-		"handle": []any{map[string]any{
-			"handler":     "wa_proxy",
-			"destination": edge,
-			"allow":       []string{"127.0.0.1"},
-		}},
+		"match":  []any{map[string]any{"wa_xmpp": map[string]any{}}},
+		"handle": []any{waProxy(edge, socks, "127.0.0.1")},
 	}}
+}
+
+// waProxy is a wa_proxy handler to dest allowing allow (none: the default
+// allowlist), through the SOCKS5 server socks unless it is "".
+func waProxy(dest, socks string, allow ...string) map[string]any {
+	h := map[string]any{"handler": "wa_proxy", "destination": dest}
+	if len(allow) > 0 {
+		h["allow"] = allow
+	}
+	if socks != "" {
+		h["via"] = map[string]any{"dialer": "socks5", "servers": []string{socks}}
+	}
+	return h
 }
 
 // haproxyConfig is HAProxy in TCP mode shaped like the official WhatsApp
@@ -138,17 +173,20 @@ func caddyConfig(admin, listen, dir string, routes any, extra map[string]any) ([
 
 // binaries are the programs the targets run.
 type binaries struct {
-	caddy, haproxy string
-	caddyModules   map[string]bool // from caddy list-modules
+	caddy, haproxy, microsocks string
+	caddyModules               map[string]bool // from caddy list-modules
 }
 
 // resolveTargets checks the binaries and modules each target needs (with
 // withTLS, also those of the tls figure) and sets notRun on those that
 // cannot run.
 func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bool) {
-	var haproxyErr, caddyErr error
+	var haproxyErr, caddyErr, socksErr error
 	if _, err := os.Stat(bin.haproxy); err != nil {
 		haproxyErr = fmt.Errorf("%s not found (apt-get install haproxy)", bin.haproxy)
+	}
+	if _, err := os.Stat(bin.microsocks); err != nil {
+		socksErr = fmt.Errorf("%s not found (apt-get install microsocks)", bin.microsocks)
 	}
 	if _, err := os.Stat(bin.caddy); err != nil {
 		caddyErr = fmt.Errorf("%s not found (build it: just build, or go tool xcaddy build ... --output %s)", bin.caddy, bin.caddy)
@@ -172,9 +210,17 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bo
 			if haproxyErr != nil {
 				t.notRun = haproxyErr.Error()
 			}
+		case kindSOCKS:
+			if socksErr != nil {
+				t.notRun = socksErr.Error()
+			}
 		case kindCaddy:
 			if caddyErr != nil {
 				t.notRun = caddyErr.Error()
+				continue
+			}
+			if t.socks && socksErr != nil {
+				t.notRun = socksErr.Error()
 				continue
 			}
 			var missing []string
@@ -198,12 +244,23 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bo
 // process.
 type proc struct {
 	addr    string
-	pid     int    // 0 for direct
-	admin   string // Caddy: its admin endpoint
+	pid     int       // 0 for direct
+	admin   string    // Caddy: its admin endpoint
+	dial    connector // how a client connects (nil: plain TCP)
+	exit    *proc     // waproxy-socks5: the microsocks it dials through
 	cmd     *exec.Cmd
 	log     string
 	exited  chan struct{}
 	cleanup func() // direct over TLS: stops the TLS edge
+}
+
+// connector returns how a client connects to p (plain TCP, or SOCKS5 to the
+// edge for the microsocks target).
+func (p *proc) connector() connector {
+	if p.dial != nil {
+		return p.dial
+	}
+	return dialTCP
 }
 
 // start runs a fresh instance of t in front of edge and waits until a hello
@@ -212,9 +269,47 @@ type proc struct {
 // echo server of its own (e is not used).
 func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, e *edge, ts *tlsServe) (*proc, error) {
 	edge := e.addr()
-	probe := func(ctx context.Context, addr string) error { return e.probe(ctx, addr) }
+	probe := func(ctx context.Context, addr string) error { return e.probe(ctx, dialTCP, addr) }
 	if ts != nil {
 		probe = ts.probe
+	}
+	base := filepath.Join(dir, fmt.Sprintf("%s-%d", t.name, seq))
+	if t.kind == kindSOCKS {
+		if ts != nil {
+			return nil, errors.New("microsocks does not terminate TLS")
+		}
+		p, err := startMicrosocks(ctx, bin.microsocks, base)
+		if err != nil {
+			return nil, err
+		}
+		p.dial = socksConnector(edge)
+		if err := p.waitReady(ctx, func(ctx context.Context, addr string) error { return e.probe(ctx, p.dial, addr) }, 10*time.Second); err != nil {
+			p.stop()
+			return nil, fmt.Errorf("no exchange through microsocks: %w%s", err, p.logTail(5))
+		}
+		return p, nil
+	}
+	var exit *proc
+	if t.socks {
+		var err error
+		if exit, err = startMicrosocks(ctx, bin.microsocks, base+"-microsocks"); err != nil {
+			return nil, err
+		}
+	}
+	p, err := t.startProxy(ctx, dir, base, bin, edge, exit, ts, probe)
+	if err != nil && exit != nil {
+		exit.stop()
+	}
+	return p, err
+}
+
+// startProxy starts a proxy process (HAProxy or Caddy; Caddy dialling
+// through exit when it is not nil) or, for direct over TLS, the TLS edge.
+func (t *target) startProxy(ctx context.Context, dir, base string, bin *binaries, edge string, exit *proc, ts *tlsServe,
+	probe func(context.Context, string) error) (*proc, error) {
+	socks := ""
+	if exit != nil {
+		socks = exit.addr
 	}
 	if t.kind == kindDirect {
 		if ts == nil {
@@ -235,7 +330,6 @@ func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, 
 	if err != nil {
 		return nil, err
 	}
-	base := filepath.Join(dir, fmt.Sprintf("%s-%d", t.name, seq))
 	var cmd *exec.Cmd
 	var admin string
 	switch t.kind {
@@ -255,9 +349,9 @@ func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, 
 		if admin, err = freeAddr(); err != nil {
 			return nil, err
 		}
-		routes, apps := t.routes(edge), map[string]any(nil)
+		routes, apps := t.routes(edge, socks), map[string]any(nil)
 		if ts != nil {
-			routes, apps = t.tlsRoutes(edge), ts.caddyApps()
+			routes, apps = t.tlsRoutes(edge, socks), ts.caddyApps()
 		}
 		cfg, err := caddyConfig(admin, listen, dir, routes, apps)
 		if err != nil {
@@ -284,7 +378,7 @@ func (t *target) start(ctx context.Context, dir string, seq int, bin *binaries, 
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", t.name, err)
 	}
-	p := &proc{addr: listen, pid: cmd.Process.Pid, admin: admin, cmd: cmd, log: base + ".log", exited: make(chan struct{})}
+	p := &proc{addr: listen, pid: cmd.Process.Pid, admin: admin, exit: exit, cmd: cmd, log: base + ".log", exited: make(chan struct{})}
 	go func() { cmd.Wait(); close(p.exited) }()
 	if err := p.waitReady(ctx, probe, 20*time.Second); err != nil {
 		p.stop()
@@ -338,10 +432,13 @@ func (p *proc) fds() (int, error) {
 	return countFDs(p.pid)
 }
 
-// stop ends the process: SIGTERM, then SIGKILL after 10 s.
+// stop ends the process (and its exit hop): SIGTERM, then SIGKILL after 10 s.
 func (p *proc) stop() {
 	if p.cleanup != nil {
 		p.cleanup()
+	}
+	if p.exit != nil {
+		defer p.exit.stop()
 	}
 	if p.pid == 0 {
 		return

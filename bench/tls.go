@@ -446,7 +446,7 @@ func tlsPolicies() []any {
 
 // caddyL4TLSRoutes is stock caddy-l4: its tls matcher, its tls handler, its
 // proxy to the edge.
-func caddyL4TLSRoutes(edge string) any {
+func caddyL4TLSRoutes(edge, _ string) any {
 	return []any{map[string]any{
 		"match": []any{map[string]any{"tls": map[string]any{}}},
 		"handle": []any{
@@ -461,11 +461,10 @@ func caddyL4TLSRoutes(edge string) any {
 // wa_silent first; then wa_tls or wa_xmpp into a subroute that passes
 // WhatsApp's media through by server name, terminates any other TLS with
 // Caddy's tls handler, and sends chat (plain or decrypted) and anything else
-// to the edge with wa_proxy; a last catch-all route.
-func waproxyTLSRoutes(edge string) any {
-	toEdge := func() []any {
-		return []any{map[string]any{"handler": "wa_proxy", "destination": edge, "allow": []string{"127.0.0.1"}}}
-	}
+// to the edge with wa_proxy; a last catch-all route. With socks, every
+// wa_proxy dials through that SOCKS5 server.
+func waproxyTLSRoutes(edge, socks string) any {
+	toEdge := func() []any { return []any{waProxy(edge, socks, "127.0.0.1")} }
 	return []any{
 		map[string]any{
 			"match":  []any{map[string]any{"wa_silent": map[string]any{"wait": int64(2 * time.Second)}}},
@@ -477,7 +476,7 @@ func waproxyTLSRoutes(edge string) any {
 				map[string]any{
 					"match": []any{map[string]any{"wa_tls": map[string]any{
 						"sni": []string{"whatsapp.net", "*.whatsapp.net", "whatsapp.com", "*.whatsapp.com"}}}},
-					"handle": []any{map[string]any{"handler": "wa_proxy", "destination": "{l4.wa_tls.server_name}:443"}},
+					"handle": []any{waProxy("{l4.wa_tls.server_name}:443", socks)},
 				},
 				map[string]any{
 					"match":  []any{map[string]any{"wa_tls": map[string]any{}}},
