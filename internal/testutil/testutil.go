@@ -122,7 +122,9 @@ func (c *Caddy) Metric(t testing.TB, series string) float64 {
 	t.Helper()
 	text := c.Metrics(t)
 	for _, line := range strings.Split(text, "\n") {
-		if name, val, ok := strings.Cut(line, " "); ok && name == series {
+		// the value follows the last space: label values may hold spaces
+		if i := strings.LastIndexByte(line, ' '); i > 0 && line[:i] == series {
+			val := line[i+1:]
 			var f float64
 			if _, err := fmt.Sscan(val, &f); err != nil {
 				t.Fatalf("metric %s: bad value %q", series, val)

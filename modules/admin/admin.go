@@ -10,6 +10,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
 	"github.com/waproxy/caddy-waproxy/modules/registry"
 )
 
@@ -37,6 +38,15 @@ func (*API) CaddyModule() caddy.ModuleInfo {
 		ID:  "admin.api.waproxy",
 		New: func() caddy.Module { return new(API) },
 	}
+}
+
+// Provision registers the proxy's collectors in the metrics registry of the
+// admin endpoint's context. Caddy swaps in a new admin server (and registry)
+// for every config it loads, before it provisions the apps, and keeps it
+// when the config is then rejected; without this, /metrics would lose every
+// whatsapp_proxy_* series until the next good config.
+func (a *API) Provision(ctx caddy.Context) error {
+	return metrics.Register(ctx.GetMetricsRegistry())
 }
 
 // Routes returns the /waproxy/ routes.
@@ -68,7 +78,8 @@ func (a *API) connections(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, registry.List())
 }
 
-// upstreams answers GET /waproxy/upstreams with the configured dialers.
+// upstreams answers GET /waproxy/upstreams with the configured dialers and
+// the health of their upstreams.
 func (a *API) upstreams(w http.ResponseWriter, r *http.Request) error {
 	if err := onlyGET(r); err != nil {
 		return err
@@ -132,4 +143,7 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 }
 
 // Interface guards
-var _ caddy.AdminRouter = (*API)(nil)
+var (
+	_ caddy.AdminRouter = (*API)(nil)
+	_ caddy.Provisioner = (*API)(nil)
+)

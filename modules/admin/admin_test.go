@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -135,5 +136,39 @@ func TestOnlyGET(t *testing.T) {
 	}
 	if _, err := caddy.GetModule("admin.api.waproxy"); err != nil {
 		t.Fatalf("module not registered: %v", err)
+	}
+}
+
+// TestUpstreamsHealth pins the JSON of GET /waproxy/upstreams for a dialer
+// with a health check: the health is read at each request.
+func TestUpstreamsHealth(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	checked := time.Date(2026, 11, 22, 3, 0, 0, 0, time.UTC)
+	var aHealthy atomic.Bool
+	registry.AddDialer(ctx, registry.Dialer{Dialer: "wa.dialers.socks5", Servers: []string{"127.0.0.1:1080", "127.0.0.1:1081"},
+		Handler: "layer4.handlers.wa_proxy", Destination: "g.whatsapp.net:5222",
+		HealthFunc: func() []registry.ServerHealth {
+			a := registry.ServerHealth{Upstream: "socks5 127.0.0.1:1080", Healthy: true, Destination: "g.whatsapp.net:5222", LastCheck: checked}
+			if !aHealthy.Load() {
+				a.Healthy, a.Error = false, "socks5 127.0.0.1:1080: dial: connect: connection refused"
+			}
+			return []registry.ServerHealth{a, {Upstream: "socks5 127.0.0.1:1081", Healthy: true, Destination: "g.whatsapp.net:5222"}}
+		}})
+	get := func() string {
+		rec := httptest.NewRecorder()
+		if err := new(API).upstreams(rec, httptest.NewRequest(http.MethodGet, "/waproxy/upstreams", nil)); err != nil {
+			t.Fatal(err)
+		}
+		return rec.Body.String()
+	}
+	const head = `[{"dialer":"wa.dialers.socks5","servers":["127.0.0.1:1080","127.0.0.1:1081"],"handler":"layer4.handlers.wa_proxy","destination":"g.whatsapp.net:5222","health":[`
+	const b = `{"upstream":"socks5 127.0.0.1:1081","healthy":true,"destination":"g.whatsapp.net:5222"}]}]` + "\n"
+	if got, want := get(), head+`{"upstream":"socks5 127.0.0.1:1080","healthy":false,"destination":"g.whatsapp.net:5222","last_check":"2026-11-22T03:00:00Z","error":"socks5 127.0.0.1:1080: dial: connect: connection refused"},`+b; got != want {
+		t.Fatalf("GET /waproxy/upstreams:\n got %s\nwant %s", got, want)
+	}
+	aHealthy.Store(true)
+	if got, want := get(), head+`{"upstream":"socks5 127.0.0.1:1080","healthy":true,"destination":"g.whatsapp.net:5222","last_check":"2026-11-22T03:00:00Z"},`+b; got != want {
+		t.Fatalf("GET /waproxy/upstreams after recovery:\n got %s\nwant %s", got, want)
 	}
 }

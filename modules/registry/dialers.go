@@ -5,16 +5,38 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Dialer is a dialer the running config uses (GET /waproxy/upstreams): its
-// module ID, its servers (for socks5) and the handler and destination that
-// use it. It never holds credentials.
+// module ID, its servers (for socks5), the handler and destination that use
+// it, and, when it has a health check, each upstream's health. It never
+// holds credentials.
 type Dialer struct {
-	Dialer      string   `json:"dialer"`
-	Servers     []string `json:"servers,omitempty"`
-	Handler     string   `json:"handler"`
-	Destination string   `json:"destination,omitempty"`
+	Dialer      string         `json:"dialer"`
+	Servers     []string       `json:"servers,omitempty"`
+	Handler     string         `json:"handler"`
+	Destination string         `json:"destination,omitempty"`
+	Health      []ServerHealth `json:"health,omitempty"`
+
+	// HealthFunc, when set, reports the dialer's health; Dialers calls it
+	// to fill Health.
+	HealthFunc func() []ServerHealth `json:"-"`
+}
+
+// ServerHealth is the state of one upstream's active health check.
+type ServerHealth struct {
+	// Upstream names the upstream the way the whatsapp_proxy_upstream_healthy
+	// gauge labels it: "socks5 127.0.0.1:1080" or "direct".
+	Upstream string `json:"upstream"`
+	// Healthy is whether the failover order uses it; true until a check fails.
+	Healthy bool `json:"healthy"`
+	// Destination is what the checks connect to.
+	Destination string `json:"destination"`
+	// LastCheck is when the last check ended; zero (omitted) before the first.
+	LastCheck time.Time `json:"last_check,omitzero"`
+	// Error is the last check's error, empty when it succeeded.
+	Error string `json:"error,omitempty"`
 }
 
 var (
@@ -50,5 +72,11 @@ func Dialers() []Dialer {
 		return d.Dialer + "\x00" + strings.Join(d.Servers, ",") + "\x00" + d.Handler + "\x00" + d.Destination
 	}
 	slices.SortFunc(list, func(a, b Dialer) int { return strings.Compare(key(a), key(b)) })
-	return slices.CompactFunc(list, func(a, b Dialer) bool { return key(a) == key(b) })
+	list = slices.CompactFunc(list, func(a, b Dialer) bool { return key(a) == key(b) })
+	for i := range list {
+		if f := list[i].HealthFunc; f != nil {
+			list[i].Health = f()
+		}
+	}
+	return list
 }

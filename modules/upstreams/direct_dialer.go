@@ -19,7 +19,7 @@ func init() {
 }
 
 // Direct connects to destinations directly, from this host. Host names are
-// resolved here, with the system resolver. It has no options.
+// resolved here, with the system resolver.
 //
 // When the context carries the handler's allowlist (WithAllowlist), every
 // address a name resolves to is checked just before the connect(2), and an
@@ -28,7 +28,14 @@ func init() {
 // example.com` does not let a name that resolves to 127.0.0.1 reach this
 // host's own services.
 type Direct struct {
+	// HealthCheck, when set, checks on an interval that this host can
+	// connect to a destination (see HealthCheck). It only reports (the
+	// whatsapp_proxy_upstream_healthy gauge, GET /waproxy/upstreams): there
+	// is no other upstream to fail over to. Default: no checks.
+	HealthCheck *HealthCheck `json:"health_check,omitempty"`
+
 	dialer net.Dialer
+	health healthSet // the one checker, or none
 }
 
 // CaddyModule returns the Caddy module information.
@@ -39,12 +46,38 @@ func (*Direct) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets up the dialer. TCP keep-alive uses Go's defaults (probes
-// after 15s idle).
-func (dd *Direct) Provision(caddy.Context) error {
+// Provision sets up the dialer and starts the health check. TCP keep-alive
+// uses Go's defaults (probes after 15s idle).
+func (dd *Direct) Provision(ctx caddy.Context) error {
 	dd.dialer = net.Dialer{}
+	if dd.HealthCheck == nil {
+		return nil
+	}
+	settings, err := dd.HealthCheck.provision()
+	if err != nil {
+		return fmt.Errorf("direct: %w", err)
+	}
+	if err := dd.health.add(ctx, "direct", settings, dd.probe(settings.destination)); err != nil {
+		return fmt.Errorf("direct: %w", err)
+	}
 	return nil
 }
+
+// probe returns a health check: a TCP connection to destination, closed as
+// soon as it is established. The allowlist does not apply: the destination
+// is the operator's.
+func (dd *Direct) probe(destination string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		conn, err := dd.DialContext(ctx, "tcp", destination) // ctx carries no allowlist
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	}
+}
+
+// Cleanup stops the health check unless another config uses it.
+func (dd *Direct) Cleanup() error { return dd.health.release() }
 
 // DialContext connects to address ("host:port") over TCP and returns the
 // *net.TCPConn. Errors are *DialError values of kind metrics.KindTimeout when
@@ -99,20 +132,44 @@ func checkResolved(allow *Allowlist, addr string) error {
 }
 
 // String describes the dialer for logs.
-func (*Direct) String() string { return "direct" }
+func (dd *Direct) String() string {
+	if dd.HealthCheck != nil {
+		return "direct with health check"
+	}
+	return "direct"
+}
 
 // UnmarshalCaddyfile sets up the dialer from Caddyfile tokens. Syntax:
 //
-//	via direct
+//	via direct {
+//		health_check [<destination>] {
+//			interval <duration>
+//			timeout <duration>
+//			unhealthy_after <n>
+//			healthy_after <n>
+//		}
+//	}
 //
-// The dialer takes no arguments and no block.
+// The dialer takes no arguments; the block is optional.
 func (dd *Direct) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the dialer name
 	if d.NextArg() {
 		return d.Errf("direct: unexpected argument '%s': the direct dialer takes no arguments", d.Val())
 	}
-	if d.NextBlock(d.Nesting()) {
-		return d.Errf("direct: unexpected block: the direct dialer has no options")
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "health_check":
+			if dd.HealthCheck != nil {
+				return d.Errf("direct: duplicate subdirective '%s'", opt)
+			}
+			hc, err := unmarshalHealthCheck(d, "direct")
+			if err != nil {
+				return err
+			}
+			dd.HealthCheck = hc
+		default:
+			return d.Errf("direct: unrecognized subdirective '%s'", opt)
+		}
 	}
 	return nil
 }
@@ -156,6 +213,7 @@ var (
 	_ Dialer                = (*Direct)(nil)
 	_ caddy.Module          = (*Direct)(nil)
 	_ caddy.Provisioner     = (*Direct)(nil)
+	_ caddy.CleanerUpper    = (*Direct)(nil)
 	_ caddyfile.Unmarshaler = (*Direct)(nil)
 	_ fmt.Stringer          = (*Direct)(nil)
 )

@@ -160,7 +160,7 @@ func TestDirectUnmarshalCaddyfile(t *testing.T) {
 
 	for _, tc := range []struct{ input, want string }{
 		{"via direct 127.0.0.1:1080", "direct: unexpected argument '127.0.0.1:1080': the direct dialer takes no arguments"},
-		{"via direct {\n\ttimeout 5s\n}", "direct: unexpected block: the direct dialer has no options"},
+		{"via direct {\n\ttimeout 5s\n}", "direct: unrecognized subdirective 'timeout'"},
 	} {
 		_, err := unmarshalVia(t, tc.input)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -28,7 +28,9 @@ func init() {
 //
 // The servers are tried in order: when one fails (unreachable, refused,
 // authentication, a bad reply, or its share of the deadline passed), the next
-// one is tried while the context's deadline allows.
+// one is tried while the context's deadline allows. With a health check,
+// servers that fail it are skipped until they pass again, unless every
+// server fails it.
 type SOCKS5 struct {
 	// Servers are the SOCKS5 servers' addresses ("host:port"), in the order
 	// they are tried. Placeholders such as `{env.SOCKS_SERVER}` are expanded
@@ -47,12 +49,18 @@ type SOCKS5 struct {
 	// appears in logs or errors. Default: none.
 	Password string `json:"password,omitempty"`
 
+	// HealthCheck, when set, checks each server on an interval by
+	// connecting through it to a destination (see HealthCheck), and the
+	// failover order skips the servers that fail it. Default: no checks.
+	HealthCheck *HealthCheck `json:"health_check,omitempty"`
+
 	servers  []string // expanded Servers
 	username string   // expanded Username
 	password string   // expanded Password
 	greeting []byte   // the method selection message
 	auth     []byte   // the RFC 1929 request (holds the password), nil without credentials
 	dialer   net.Dialer
+	health   healthSet // one checker per server, or none
 }
 
 // CaddyModule returns the Caddy module information.
@@ -63,8 +71,9 @@ func (*SOCKS5) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision expands placeholders and checks that each server is a host:port.
-func (s *SOCKS5) Provision(caddy.Context) error {
+// Provision expands placeholders, checks that each server is a host:port and
+// starts the health checks.
+func (s *SOCKS5) Provision(ctx caddy.Context) error {
 	repl := caddy.NewReplacer()
 	s.servers = make([]string, 0, len(s.Servers))
 	for _, raw := range s.Servers {
@@ -82,8 +91,43 @@ func (s *SOCKS5) Provision(caddy.Context) error {
 		s.auth = socksUserPass(s.username, s.password)
 	} // else Validate reports the problem
 	s.dialer = net.Dialer{} // Go's TCP keep-alive defaults
+
+	// no checks for a config that Validate rejects
+	if s.HealthCheck == nil || s.Validate() != nil {
+		return nil
+	}
+	settings, err := s.HealthCheck.provision()
+	if err != nil {
+		return fmt.Errorf("socks5: %w", err)
+	}
+	settings.credentialsHash = credentialsHash(s.username, s.password)
+	for _, server := range s.servers {
+		if err := s.health.add(ctx, "socks5 "+server, settings, s.probe(server, settings.destination)); err != nil {
+			return fmt.Errorf("socks5: %w", err)
+		}
+	}
 	return nil
 }
+
+// probe returns a health check of server: a CONNECT to destination through
+// it, closed as soon as it succeeds.
+func (s *SOCKS5) probe(server, destination string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		buf := make([]byte, 2*socksMsgLen)
+		req, err := appendSocksConnect(buf[:0:socksMsgLen], destination)
+		if err != nil {
+			return err
+		}
+		conn, err := s.dialServer(ctx, server, 1, req, buf[socksMsgLen:])
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	}
+}
+
+// Cleanup stops the health checks no other config uses.
+func (s *SOCKS5) Cleanup() error { return s.health.release() }
 
 // Validate checks the provisioned configuration.
 func (s *SOCKS5) Validate() error {
@@ -124,23 +168,33 @@ func (s *SOCKS5) DialContext(ctx context.Context, network, address string) (net.
 	}
 	scratch := buf[socksMsgLen:]
 
+	var skipBuf [1]uint64
+	skip, left := s.skipped(skipBuf[:])
+
 	var errs []error
 	lastKind := ""
 	for i, server := range s.servers {
+		if skip.has(i) {
+			continue
+		}
 		if ctx.Err() != nil {
-			for _, skipped := range s.servers[i:] {
+			for j := i; j < len(s.servers); j++ {
+				if skip.has(j) {
+					continue
+				}
 				errs = append(errs, &DialError{Kind: dialErrKind(ctx, ctx.Err()),
-					Err: fmt.Errorf("socks5 %s: not tried: %w", skipped, ctx.Err())})
+					Err: fmt.Errorf("socks5 %s: not tried: %w", s.servers[j], ctx.Err())})
 			}
 			if lastKind == "" {
 				lastKind = dialErrKind(ctx, ctx.Err())
 			}
 			break
 		}
-		conn, err := s.dialServer(ctx, server, len(s.servers)-i, req, scratch)
+		conn, err := s.dialServer(ctx, server, left, req, scratch)
 		if err == nil {
 			return conn, nil
 		}
+		left--
 		errs = append(errs, err)
 		lastKind = ErrorKind(err)
 	}
@@ -148,6 +202,43 @@ func (s *SOCKS5) DialContext(ctx context.Context, network, address string) (net.
 		return nil, errs[0]
 	}
 	return nil, &DialError{Kind: lastKind, Err: attemptErrors(errs)}
+}
+
+// serverSet is a set of server indexes, a bit each.
+type serverSet []uint64
+
+func (ss serverSet) has(i int) bool { return ss != nil && ss[i/64]&(1<<(i%64)) != 0 }
+
+// skipped returns the servers the failover order skips now, the unhealthy
+// ones, and how many it tries. It skips none when there is no health check,
+// or when every server is unhealthy: then all are tried, in order, as
+// without a health check. buf is the set's storage when it fits (64
+// servers); the set is nil when none is skipped.
+func (s *SOCKS5) skipped(buf []uint64) (skip serverSet, tried int) {
+	checkers := s.health.checkers
+	if len(checkers) != len(s.servers) {
+		return nil, len(s.servers)
+	}
+	unhealthy := 0
+	for i, c := range checkers {
+		if c.healthy.Load() {
+			continue
+		}
+		if skip == nil {
+			if words := (len(checkers) + 63) / 64; words <= len(buf) {
+				skip = buf[:words]
+				clear(skip)
+			} else {
+				skip = make(serverSet, words)
+			}
+		}
+		skip[i/64] |= 1 << (i % 64)
+		unhealthy++
+	}
+	if unhealthy == len(s.servers) {
+		return nil, len(s.servers)
+	}
+	return skip, len(s.servers) - unhealthy
 }
 
 // dialServer connects to server and runs the handshake. left is the number of
@@ -273,6 +364,9 @@ func (s *SOCKS5) String() string {
 	if s.Username != "" || s.Password != "" {
 		str += " with username/password"
 	}
+	if s.HealthCheck != nil {
+		str += " with health check"
+	}
 	return str
 }
 
@@ -281,6 +375,12 @@ func (s *SOCKS5) String() string {
 //	via socks5 <host:port> [<host:port>...] {
 //		username <username>
 //		password <password>
+//		health_check [<destination>] {
+//			interval <duration>
+//			timeout <duration>
+//			unhealthy_after <n>
+//			healthy_after <n>
+//		}
 //	}
 //
 // Values are taken as written; placeholders such as {env.SOCKS_PASSWORD} are
@@ -313,6 +413,16 @@ func (s *SOCKS5) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			d.NextArg()
 			s.Password, hasPassword = d.Val(), true
+		case "health_check":
+			if s.HealthCheck != nil {
+				return d.Errf("socks5: duplicate subdirective '%s'", opt)
+			}
+			hc, err := unmarshalHealthCheck(d, "socks5")
+			if err != nil {
+				return err
+			}
+			s.HealthCheck = hc
+			continue // unmarshalHealthCheck consumed its block
 		default:
 			return d.Errf("socks5: unrecognized subdirective '%s'", opt)
 		}
@@ -329,6 +439,7 @@ var (
 	_ caddy.Module          = (*SOCKS5)(nil)
 	_ caddy.Provisioner     = (*SOCKS5)(nil)
 	_ caddy.Validator       = (*SOCKS5)(nil)
+	_ caddy.CleanerUpper    = (*SOCKS5)(nil)
 	_ caddyfile.Unmarshaler = (*SOCKS5)(nil)
 	_ fmt.Stringer          = (*SOCKS5)(nil)
 )
