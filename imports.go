@@ -8,6 +8,7 @@ package waproxy
 import (
 	_ "github.com/waproxy/caddy-waproxy/caddyfile"
 	_ "github.com/waproxy/caddy-waproxy/modules/admin"
+	_ "github.com/waproxy/caddy-waproxy/modules/app"
 	_ "github.com/waproxy/caddy-waproxy/modules/handlers"
 	_ "github.com/waproxy/caddy-waproxy/modules/matchers"
 	_ "github.com/waproxy/caddy-waproxy/modules/upstreams"

@@ -3,6 +3,7 @@
 package handlers
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -54,37 +55,45 @@ func startLoops() ([]*eventLoop, error) {
 // (toUpstream) and from the upstream (toClient).
 type pairStats struct{ toUpstream, toClient int64 }
 
-// offload hands an established client/upstream pair to an event loop. It
+// offload is offloadCuttable for a pair that is never cut from outside.
+func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) bool {
+	_, ok := offloadCuttable(client, upstream, idle, n, fromClient, fromUpstream, done)
+	return ok
+}
+
+// offloadCuttable hands an established client/upstream pair to an event loop. It
 // takes over both connections: it duplicates their sockets, closes upstream,
 // and leaves client for the caller to close (caddy-l4 closes it when the
 // handler returns; the duplicate keeps the socket open). done runs on the
 // loop's goroutine when the pair has ended, with the first error (nil for a
-// clean end on both sides, errIdle for the idle timeout); it must be quick.
-// offload returns false, having changed nothing, when the connections are
-// not plain TCP sockets or the loop is unavailable; the caller then relays
-// itself.
-func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
-	done func(pairStats, error)) bool {
+// clean end on both sides, errIdle for the idle timeout, errCut when cut);
+// it must be quick. cut ends the pair from any goroutine: the loop closes it
+// promptly (its sockets are only ever touched by the loop). It returns ok
+// false, having changed nothing, when the connections are not plain TCP
+// sockets or the loop is unavailable; the caller then relays itself.
+func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool) {
 	if relayMode != "" {
-		return false
+		return nil, false
 	}
 	cc, ok1 := client.(*net.TCPConn)
 	uc, ok2 := upstream.(*net.TCPConn)
 	if !ok1 || !ok2 {
-		return false
+		return nil, false
 	}
 	ls, err := startLoops()
 	if err != nil || len(ls) == 0 {
-		return false
+		return nil, false
 	}
 	cfd, err := dupFD(cc)
 	if err != nil {
-		return false
+		return nil, false
 	}
 	ufd, err := dupFD(uc)
 	if err != nil {
 		unix.Close(cfd)
-		return false
+		return nil, false
 	}
 	_ = upstream.Close() // the duplicate keeps the socket; Go's poller lets go of it
 	p := &pair{
@@ -96,11 +105,10 @@ func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, 
 	}
 	p.touch()
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
-	if err := l.add(p); err != nil {
-		// the pair is closed and done has been called
-		return true
-	}
-	return true
+	// If add fails, the pair is closed and done has been called: cut is
+	// then a no-op.
+	_ = l.add(p)
+	return p.requestCut, true
 }
 
 // dupFD duplicates a connection's socket (close-on-exec). The duplicate
@@ -122,9 +130,11 @@ func dupFD(c *net.TCPConn) (int, error) {
 
 type eventLoop struct {
 	epfd   int
+	wakefd int // an eventfd in the epoll set: written to wake the loop for cuts
 	mu     sync.Mutex
 	pairs  map[int32]*pair // both sockets of a pair map to it
 	nextID uint32
+	cuts   []*pair // pairs cut from other goroutines, closed by the loop (under mu)
 }
 
 func newEventLoop() (*eventLoop, error) {
@@ -132,7 +142,49 @@ func newEventLoop() (*eventLoop, error) {
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
 	}
-	return &eventLoop{epfd: epfd, pairs: make(map[int32]*pair)}, nil
+	wakefd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	// The wake fd stays open for the loop's life, so no pair's socket ever
+	// has its number.
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wakefd)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
+		unix.Close(wakefd)
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll_ctl add eventfd: %w", err)
+	}
+	return &eventLoop{epfd: epfd, wakefd: wakefd, pairs: make(map[int32]*pair)}, nil
+}
+
+// requestCut asks p's loop to close p (with errCut). Any goroutine may call
+// it, any number of times; the sockets are closed on the loop's goroutine
+// only, so a socket number is never closed while the loop may reuse it.
+func (p *pair) requestCut() {
+	if p.cut.Swap(true) {
+		return
+	}
+	l := p.loop
+	l.mu.Lock()
+	l.cuts = append(l.cuts, p)
+	l.mu.Unlock()
+	var one [8]byte // an eventfd is written a native-endian uint64
+	binary.NativeEndian.PutUint64(one[:], 1)
+	_, _ = unix.Write(l.wakefd, one[:])
+}
+
+// closeCut closes the pairs cut since the last call. Loop goroutine only.
+func (l *eventLoop) closeCut() {
+	var buf [8]byte
+	_, _ = unix.Read(l.wakefd, buf[:]) // reset the counter (non-blocking)
+	l.mu.Lock()
+	cuts := l.cuts
+	l.cuts = nil
+	l.mu.Unlock()
+	for _, p := range cuts {
+		l.close(p, errCut)
+	}
 }
 
 // add registers both sockets. Events carry the socket and the pair's id, so
@@ -179,6 +231,10 @@ func (l *eventLoop) run() {
 		}
 		for i := range max(n, 0) {
 			ev := events[i]
+			if ev.Fd == int32(l.wakefd) {
+				l.closeCut()
+				continue
+			}
 			l.mu.Lock()
 			p := l.pairs[ev.Fd]
 			l.mu.Unlock()
@@ -224,7 +280,8 @@ type pair struct {
 	idle       time.Duration
 	lastActive atomic.Int64
 	done       func(pairStats, error)
-	closed     bool
+	closed     bool        // loop goroutine only
+	cut        atomic.Bool // requestCut was called
 }
 
 func (p *pair) touch() { p.lastActive.Store(time.Now().UnixNano()) }

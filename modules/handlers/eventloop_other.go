@@ -18,3 +18,9 @@ func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, 
 	done func(pairStats, error)) bool {
 	return false
 }
+
+// offloadCuttable is offload that also returns a cut function; see offload.
+func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool) {
+	return nil, false
+}

@@ -189,7 +189,7 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 		return err
 	}
 	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
-		Handler: "layer4.handlers.wa_http"})
+		Handler: "layer4.handlers.wa_http", HealthFunc: upstreams.HealthView(h.dialer)})
 	h.transport = &http.Transport{
 		Proxy:                  nil, // never the environment's proxy
 		DialContext:            h.dialTransport,
@@ -201,6 +201,14 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 		MaxIdleConnsPerHost:    4,
 		IdleConnTimeout:        90 * time.Second,
 		MaxResponseHeaderBytes: 1 << 20,
+	}
+	// the waproxy app drains connections at shutdown: load it even when
+	// the config does not mention it (a handler provisioned by hand, as in
+	// a unit test, has no config to load it into)
+	if ctx.Module() != nil {
+		if _, err := ctx.App("waproxy"); err != nil {
+			return err
+		}
 	}
 	return metrics.Register(ctx.GetMetricsRegistry())
 }

@@ -63,6 +63,8 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	c.rc = registry.Open(&registry.Conn{Remote: c.remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
 		Handler: "layer4.handlers.wa_http", Dialer: h.dialerID})
 	holdLimit(cx, c.rc)
+	// a shutdown's deadline ends the connection between requests too
+	c.rc.SetCut(func() { _ = cx.Conn.Close() })
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
@@ -616,7 +618,7 @@ func (c *httpConn) tunnel(req *http.Request, dest string) (offloaded bool) {
 		}
 		logEnd(c.h.logger, "tunnel", fields, err)
 	}
-	return carry(c.cx.Conn, up, c.idle, &c.rc.FromClient, &c.rc.FromUpstream, end, release)
+	return carry(c.cx.Conn, up, c.idle, c.rc, end, release)
 }
 
 // ---- replies, hygiene ----

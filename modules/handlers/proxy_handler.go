@@ -126,7 +126,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
-		Handler: "layer4.handlers.wa_proxy", Destination: h.Destination})
+		Handler: "layer4.handlers.wa_proxy", Destination: h.Destination, HealthFunc: upstreams.HealthView(h.dialer)})
 
 	if h.TLS != nil {
 		if err := h.TLS.provision(); err != nil {
@@ -134,6 +134,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 
+	// the waproxy app drains connections at shutdown: load it even when
+	// the config does not mention it (a handler provisioned by hand, as in
+	// a unit test, has no config to load it into)
+	if ctx.Module() != nil {
+		if _, err := ctx.App("waproxy"); err != nil {
+			return err
+		}
+	}
 	return metrics.Register(ctx.GetMetricsRegistry())
 }
 
@@ -189,6 +197,8 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	rc.SetDestination(dest)
 	registry.Open(rc)
 	holdLimit(cx, rc)
+	// a shutdown's deadline ends the connection before the relay takes over
+	rc.SetCut(func() { _ = cx.Conn.Close() })
 	var failure error  // why the connection ended before it was relayed
 	var relayErr error // how the relay ended
 	offloaded := false // the event loop owns the connection and ends it
@@ -303,7 +313,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		logEnd(h.logger, "connection", fields, err)
 	}
 
-	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), &rc.FromClient, &rc.FromUpstream, end, release) {
+	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), rc, end, release) {
 		offloaded = true
 	}
 	return nil

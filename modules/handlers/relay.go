@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
 )
 
 // relayBufSize is the size of the buffers that relays borrow while bytes are
@@ -36,6 +38,17 @@ var relayMode = os.Getenv("WAPROXY_RELAY")
 
 // errIdle reports that nothing moved in either direction for the idle timeout.
 var errIdle = errors.New("idle timeout")
+
+// errCut reports a connection ended from outside: a graceful shutdown cut it
+// at the end of its grace period (registry.CutAll). It matches net.ErrClosed,
+// so the handlers log it like a closed connection rather than as a relay
+// failure; the shutdown counts it (errors_total{kind="shutdown_cut"}).
+var errCut error = cutError{}
+
+type cutError struct{}
+
+func (cutError) Error() string        { return "cut at shutdown" }
+func (cutError) Is(target error) bool { return target == net.ErrClosed }
 
 // relay carries bytes both ways between a client and an upstream until both
 // directions have ended, honouring half-close: when one side finishes sending
@@ -220,19 +233,36 @@ func closeWrite(c net.Conn) {
 // release run on the loop when the pair ends), else on this goroutine (done
 // runs before carry returns false; release is left to the caller). up is
 // closed either way. The bytes read from the client and from the upstream
-// are added to fromClient and fromUpstream as they move, so they can be read
-// while the pair lives; done's pairStats holds their final values.
-func carry(client, up net.Conn, idle time.Duration, fromClient, fromUpstream *atomic.Int64,
+// are added to rc's FromClient and FromUpstream as they move, so they can be
+// read while the pair lives; done's pairStats holds their final values.
+//
+// carry makes the relay cuttable (rc's cut function, see registry.CutAll): a
+// cut ends the pair promptly and done sees errCut. A cut that came before
+// the relay took over (the handler's own cut closed the client) still ends
+// it.
+func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 	done func(pairStats, error), release func()) (offloaded bool) {
-	if offload(client, up, idle, [2]*atomic.Int64{fromClient, fromUpstream}, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
+	if cut, ok := offloadCuttable(client, up, idle, [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
 		done(st, err)
 		release()
-	}) {
+	}); ok {
+		rc.ReplaceCut(cut)
 		return true
 	}
 	defer up.Close()
-	r := &relay{idle: idle, up: fromClient, down: fromUpstream}
+	// Closing both connections ends both copy loops at once; net.Conn's
+	// Close is safe from any goroutine.
+	var cut atomic.Bool
+	rc.ReplaceCut(func() {
+		cut.Store(true)
+		_ = client.Close()
+		_ = up.Close()
+	})
+	r := &relay{idle: idle, up: &rc.FromClient, down: &rc.FromUpstream}
 	err := r.run(client, client, up, metrics.BytesSent, metrics.BytesReceived)
+	if cut.Load() {
+		err = errCut
+	}
 	done(pairStats{toUpstream: r.up.Load(), toClient: r.down.Load()}, err)
 	return false
 }

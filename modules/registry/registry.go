@@ -37,6 +37,7 @@ type Conn struct {
 	hookMu  sync.Mutex
 	onClose []func()
 	cut     func()
+	wasCut  bool // Cut has run: ReplaceCut applies at once
 }
 
 // OnClose registers f to run once when c is closed (after it leaves the
@@ -69,12 +70,28 @@ func (c *Conn) Cut() bool {
 	c.hookMu.Lock()
 	f := c.cut
 	c.cut = nil
+	c.wasCut = true
 	c.hookMu.Unlock()
 	if f == nil || c.closed.Load() {
 		return false
 	}
 	f()
 	return true
+}
+
+// ReplaceCut is SetCut for a later stage of the connection (the relay
+// taking over from the handler): if c has already been cut, f runs at once
+// instead of being recorded, so a cut that came while the stage changed
+// still ends the new stage.
+func (c *Conn) ReplaceCut(f func()) {
+	c.hookMu.Lock()
+	if c.wasCut {
+		c.hookMu.Unlock()
+		f()
+		return
+	}
+	c.cut = f
+	c.hookMu.Unlock()
 }
 
 // ID returns the connection's id, unique in this process (0 before Open).
@@ -120,6 +137,9 @@ var (
 	mu     sync.Mutex
 	conns  = make(map[uint64]*Conn)
 	nextID atomic.Uint64
+	// emptied is closed (and reset to nil) when the last tracked
+	// connection closes; Empty creates it on demand.
+	emptied chan struct{}
 )
 
 // Open starts tracking c and publishes an `opened` event. It returns c.
@@ -142,6 +162,10 @@ func Close(c *Conn, err error) {
 	}
 	mu.Lock()
 	delete(conns, c.id)
+	if emptied != nil && len(conns) == 0 {
+		close(emptied)
+		emptied = nil
+	}
 	mu.Unlock()
 	c.hookMu.Lock()
 	hooks := c.onClose
@@ -180,6 +204,29 @@ func Len() int {
 	defer mu.Unlock()
 	return len(conns)
 }
+
+// closedChan is an already closed channel, for Empty.
+var closedChan = func() chan struct{} { ch := make(chan struct{}); close(ch); return ch }()
+
+// Empty returns a channel that is closed when no connection is tracked: at
+// once if none is now, else when the last one closes. A connection opened
+// after that may make the registry non-empty again; check Len after the
+// channel closes. A graceful shutdown waits on it.
+func Empty() <-chan struct{} {
+	mu.Lock()
+	defer mu.Unlock()
+	if len(conns) == 0 {
+		return closedChan
+	}
+	if emptied == nil {
+		emptied = make(chan struct{})
+	}
+	return emptied
+}
+
+// Opened returns how many connections have been opened in this process, so
+// the connections opened between two calls can be counted.
+func Opened() uint64 { return nextID.Load() }
 
 // List returns the tracked connections, oldest first.
 func List() []Info {
