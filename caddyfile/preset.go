@@ -8,12 +8,22 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	// The caddy-l4 modules that the preset's JSON names beyond ours, so
+	// that any build with the preset can run what it writes: the website
+	// route's http matcher and proxy handler, TLS termination, subroutes
+	// and the PROXY header reader.
+	_ "github.com/mholt/caddy-l4/modules/l4http"
+	_ "github.com/mholt/caddy-l4/modules/l4proxy"
+	_ "github.com/mholt/caddy-l4/modules/l4proxyprotocol"
+	_ "github.com/mholt/caddy-l4/modules/l4subroute"
+	_ "github.com/mholt/caddy-l4/modules/l4tls"
 
 	"github.com/waproxy/caddy-waproxy/modules/handlers"
 )
@@ -63,6 +73,21 @@ type Preset struct {
 	// SendProxyProtocol is the PROXY header version sent to the chat
 	// destination (`v1` or `v2`); empty sends none.
 	SendProxyProtocol string
+	// Website is the address of the HTTP server (a site block of the same
+	// Caddyfile, on a loopback address or a Unix socket) that serves
+	// visitors who are not WhatsApp clients nor proxy clients; empty keeps
+	// them on the HTTP proxy handler.
+	Website string
+	// WebsiteProxyProtocol is the PROXY header version sent to the website
+	// (`v1` or `v2`), so that its logs see the visitor's address; empty
+	// sends none.
+	WebsiteProxyProtocol string
+	// MaxConnections caps the live connections of the whole proxy
+	// (wa_limit); 0 sets no cap.
+	MaxConnections int
+	// MaxConnectionsPerIP caps the live connections of one client address
+	// (wa_limit); 0 sets no cap.
+	MaxConnectionsPerIP int
 }
 
 // parsePreset sets up the layer4 app from the waproxy global option.
@@ -75,6 +100,9 @@ type Preset struct {
 //		official_ports
 //		proxy_protocol_from <cidrs...>
 //		send_proxy_protocol v1|v2
+//		website <address> [{ send_proxy_protocol v1|v2 }]
+//		max_connections <n>
+//		max_connections_per_ip <n>
 //	}
 func parsePreset(d *caddyfile.Dispenser, existingVal any) (any, error) {
 	d.Next() // consume option name
@@ -144,21 +172,56 @@ func unmarshalPreset(d *caddyfile.Dispenser) (*Preset, error) {
 				return nil, d.Err("waproxy: proxy_protocol_from: missing address range")
 			}
 		case "send_proxy_protocol":
-			if !d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			v := d.Val()
-			if v != "v1" && v != "v2" {
-				return nil, d.Errf("waproxy: send_proxy_protocol: unknown version '%s' (want v1 or v2)", v)
+			v, err := proxyProtocolVersion(d, "send_proxy_protocol")
+			if err != nil {
+				return nil, err
 			}
 			p.SendProxyProtocol = v
+		case "website":
+			if !d.NextArg() {
+				return nil, d.Err("waproxy: website: missing address (the site block that serves visitors, e.g. 127.0.0.1:8081)")
+			}
+			addr, err := checkWebsite(d.Val())
+			if err != nil {
+				return nil, d.Errf("waproxy: website: %v", err)
+			}
+			p.Website = addr
 			if d.NextArg() {
 				return nil, d.ArgErr()
 			}
-		case "max_connections":
-			return nil, d.Err("waproxy: max_connections is not supported yet (there is no connection-limit module)")
-		case "website":
-			return nil, d.Err("waproxy: website is not supported yet")
+			for nesting := d.Nesting(); d.NextBlock(nesting); {
+				switch d.Val() {
+				case "send_proxy_protocol":
+					if p.WebsiteProxyProtocol != "" {
+						return nil, d.Err("waproxy: website: duplicate option 'send_proxy_protocol'")
+					}
+					v, err := proxyProtocolVersion(d, "website: send_proxy_protocol")
+					if err != nil {
+						return nil, err
+					}
+					p.WebsiteProxyProtocol = v
+				default:
+					return nil, d.Errf("waproxy: website: unrecognized option '%s'", d.Val())
+				}
+			}
+		case "max_connections", "max_connections_per_ip":
+			if !d.NextArg() {
+				return nil, d.Errf("waproxy: %s: missing number", opt)
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n <= 0 {
+				return nil, d.Errf("waproxy: %s: '%s' is not a positive whole number", opt, d.Val())
+			}
+			if opt == "max_connections" {
+				p.MaxConnections = n
+			} else {
+				p.MaxConnectionsPerIP = n
+			}
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "grace_period":
+			return nil, d.Err("waproxy: grace_period cannot be set by the preset: a Caddyfile global option makes one Caddy app (here layer4) and the grace period belongs to the waproxy app; set apps.waproxy.grace_period in the JSON config (caddy adapt)")
 		default:
 			return nil, d.Errf("waproxy: unrecognized option '%s'", opt)
 		}
@@ -192,6 +255,54 @@ func checkListen(s string) (string, error) {
 		return "", fmt.Errorf("address '%s' is a port range; give one port per address", s)
 	}
 	return s, nil
+}
+
+// proxyProtocolVersion reads the one argument of a send_proxy_protocol
+// option: the PROXY header version, v1 or v2.
+func proxyProtocolVersion(d *caddyfile.Dispenser, opt string) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if v != "v1" && v != "v2" {
+		return "", d.Errf("waproxy: %s: unknown version '%s' (want v1 or v2)", opt, v)
+	}
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+// checkWebsite checks the address of the website's HTTP server and returns
+// it normalised, the way caddy-l4's proxy handler dials it. The server must
+// be on this machine: a loopback address with one port, or a Unix socket.
+func checkWebsite(s string) (string, error) {
+	if strings.HasPrefix(s, "/") || strings.HasPrefix(s, ".") || strings.HasPrefix(s, "~") {
+		return "", fmt.Errorf("'%s' looks like a directory: give the address of the site block that serves the website (e.g. 127.0.0.1:8081 or unix//run/caddy/www.sock) and serve the directory there with file_server", s)
+	}
+	addr, err := caddy.ParseNetworkAddress(s)
+	if err != nil {
+		return "", err
+	}
+	if addr.IsUnixNetwork() {
+		if addr.Network != "unix" {
+			return "", fmt.Errorf("address '%s': only a stream Unix socket (unix/) can serve HTTP", s)
+		}
+		return addr.String(), nil
+	}
+	if addr.Network != "tcp" && addr.Network != "tcp4" && addr.Network != "tcp6" {
+		return "", fmt.Errorf("address '%s': want a TCP address or a Unix socket", s)
+	}
+	if addr.StartPort == 0 || addr.PortRangeSize() != 1 {
+		return "", fmt.Errorf("address '%s' must have exactly one port", s)
+	}
+	if addr.Host != "localhost" {
+		ip, err := netip.ParseAddr(addr.Host)
+		if err != nil || !ip.IsLoopback() {
+			return "", fmt.Errorf("address '%s' is not on this machine: give a loopback address (127.0.0.1, [::1], localhost) or a Unix socket", s)
+		}
+	}
+	return addr.String(), nil
 }
 
 // checkCIDR checks an address range; a bare IP address is taken as a range

@@ -61,13 +61,10 @@ func (p *Preset) ppHandler(required bool) object {
 
 // server returns a layer4 server with the single-port routes of
 // examples/Caddyfile: every byte matcher in one OR'ed route that dispatches
-// in a subroute (see docs/matchers/wa_tls.md for why).
+// in a subroute (see docs/matchers/wa_tls.md for why), behind the PROXY
+// header reader pp (nil for none) and the connection limit (see guard).
 func (p *Preset) server(listen []string, pp object) object {
-	var routes []any
-	if pp != nil {
-		routes = append(routes, object{"handle": []any{pp}})
-	}
-	routes = append(routes,
+	routes := []any{
 		object{
 			"match":  []any{object{"wa_silent": object{"wait": int64(SilentWait)}}},
 			"handle": []any{p.chat()},
@@ -84,16 +81,13 @@ func (p *Preset) server(listen []string, pp object) object {
 					object{
 						"match": []any{object{"wa_tls": object{}}},
 						"handle": []any{object{
-							"handler": "tls",
-							"connection_policies": []any{object{
-								"default_sni":  p.Hostname,
-								"fallback_sni": p.Hostname,
-							}},
+							"handler":             "tls",
+							"connection_policies": []any{p.tlsPolicy()},
 						}},
 					},
 					object{
 						"match":  []any{object{"wa_http": object{}}},
-						"handle": []any{p.withVia(object{"handler": "wa_http"})},
+						"handle": []any{p.httpHandler()},
 					},
 					object{
 						"match":  []any{object{"wa_xmpp": object{}}},
@@ -104,8 +98,97 @@ func (p *Preset) server(listen []string, pp object) object {
 			}},
 		},
 		object{"handle": []any{p.chat()}},
-	)
-	return object{"listen": listen, "routes": routes}
+	}
+	return object{"listen": listen, "routes": p.guard(routes, pp)}
+}
+
+// guard puts the handlers that run before any matcher in front of a
+// server's routes: the PROXY header reader pp (if any), then the connection
+// limit. Without a limit, pp is a route of its own, as in a hand-written
+// layer4 block. With one, both run in one handler chain with the routes in
+// a subroute after them, so that wa_limit holds the connection's place while
+// the subroute matches and proxies it (docs/handlers/wa_limit.md), and its
+// per-IP count sees the client named in the PROXY header.
+func (p *Preset) guard(routes []any, pp object) []any {
+	limit := p.limit()
+	switch {
+	case limit == nil && pp == nil:
+		return routes
+	case limit == nil:
+		return append([]any{object{"handle": []any{pp}}}, routes...)
+	}
+	var chain []any
+	if pp != nil {
+		chain = append(chain, pp)
+	}
+	chain = append(chain, limit, object{"handler": "subroute", "routes": routes})
+	return []any{object{"handle": chain}}
+}
+
+// limit returns the wa_limit handler of max_connections and
+// max_connections_per_ip, or nil when neither is set.
+func (p *Preset) limit() object {
+	if p.MaxConnections == 0 && p.MaxConnectionsPerIP == 0 {
+		return nil
+	}
+	h := object{"handler": "wa_limit"}
+	if p.MaxConnections > 0 {
+		h["max_connections"] = p.MaxConnections
+	}
+	if p.MaxConnectionsPerIP > 0 {
+		h["max_connections_per_ip"] = p.MaxConnectionsPerIP
+	}
+	return h
+}
+
+// tlsPolicy is the connection policy of TLS termination: the preset's
+// certificate for every name. With a website, it offers HTTP/1.1 only in
+// ALPN (Caddy's default is h2 then http/1.1): the website route recognises
+// an HTTP/1.x request inside the TLS, and a browser that got h2 would send
+// the HTTP/2 preface instead, which no route takes for HTTP.
+func (p *Preset) tlsPolicy() object {
+	pol := object{
+		"default_sni":  p.Hostname,
+		"fallback_sni": p.Hostname,
+	}
+	if p.Website != "" {
+		pol["alpn"] = []string{"http/1.1"}
+	}
+	return pol
+}
+
+// httpHandler handles a connection that starts with an HTTP request (in the
+// clear, or inside the terminated TLS). Without a website that is wa_http.
+// With one, an origin-form request (`GET / HTTP/1.1`: a browser or a probe,
+// not a proxy client) goes to the website over a loopback hop (caddy-l4's
+// proxy handler), and every other request — CONNECT, absolute-form — to
+// wa_http. The origin-form test uses caddy-l4's http matcher, which parses
+// the whole request header; it runs only after wa_http has matched, so it
+// never waits on bytes that are not HTTP.
+func (p *Preset) httpHandler() object {
+	proxy := p.withVia(object{"handler": "wa_http"})
+	if p.Website == "" {
+		return proxy
+	}
+	website := object{
+		"handler":   "proxy",
+		"upstreams": []any{object{"dial": []string{p.Website}}},
+	}
+	if p.WebsiteProxyProtocol != "" {
+		website["proxy_protocol"] = p.WebsiteProxyProtocol
+	}
+	return object{
+		"handler": "subroute",
+		"routes": []any{
+			object{
+				"match": []any{object{"http": []any{object{
+					"vars_regexp": object{"{http.request.orig_uri}": object{"pattern": "^/"}},
+				}}}},
+				"handle": []any{website},
+			},
+			object{"handle": []any{proxy}},
+		},
+	}
 }
 
 // chat is the handler that carries a connection to WhatsApp's chat port,

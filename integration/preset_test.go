@@ -8,12 +8,17 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	_ "github.com/mholt/caddy-l4/modules/l4http"
+	_ "github.com/mholt/caddy-l4/modules/l4proxy"
 	_ "github.com/mholt/caddy-l4/modules/l4proxyprotocol"
 	"github.com/pires/go-proxyproto"
 
@@ -253,4 +258,268 @@ func TestPresetOfficialPorts(t *testing.T) {
 		}
 		expectClosed(t, conn, 10*time.Second)
 	})
+}
+
+// websitePage is the index.html of the website in TestPresetWebsite.
+const websitePage = "<!doctype html><title>Bakery</title><h1>Fresh bread daily</h1>\n"
+
+// TestPresetWebsite: with `website`, visitors who are neither WhatsApp nor
+// proxy clients — a browser over HTTPS (offering h2, as browsers do), a
+// plain `GET /` — get the site block's website, over TLS with the preset's
+// certificate, and the site sees the visitor's address (PROXY v2 on the
+// hop); WhatsApp chat (plain, in TLS, unknown bytes), media passthrough and
+// HTTP proxy requests (CONNECT, absolute-form) are proxied as before.
+func TestPresetWebsite(t *testing.T) {
+	start := time.Now()
+	storage := t.TempDir()
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte(websitePage), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ca := newTestCA(t)
+	media := startTLSEcho(t, ca.issue(t, "mmg.whatsapp.net"))
+	chat := testutil.StartEcho(t)
+	origin := startOrigin(t, false, nil)
+	tlsOrigin := startOrigin(t, true, nil)
+	listen, site := testutil.FreeAddr(t), testutil.FreeAddr(t)
+	_, sitePort, _ := net.SplitHostPort(site)
+	testutil.StartCaddy(t, adaptPreset(t, `{
+	tls_automate_names proxy.waproxy.internal
+	skip_install_trust
+	servers `+site+` {
+		listener_wrappers {
+			proxy_protocol {
+				allow 127.0.0.1/32
+			}
+		}
+	}
+	waproxy {
+		listen :443
+		website `+site+` {
+			send_proxy_protocol v2
+		}
+	}
+}
+
+http://:`+sitePort+` {
+	bind 127.0.0.1
+	header -Server
+	respond /whoami "{http.request.remote}"
+	root * `+root+`
+	file_server
+}`, listen, chat.Addr, storage, map[string]string{"mmg.whatsapp.net:443": media.Addr}))
+
+	checkPage := func(t *testing.T, resp *http.Response) {
+		t.Helper()
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusOK || string(body) != websitePage {
+			t.Fatalf("status %d, body %q; want 200 and the website's index.html", resp.StatusCode, body)
+		}
+		if srv := resp.Header.Get("Server"); srv != "" {
+			t.Errorf("Server header %q; want none", srv)
+		}
+	}
+
+	t.Run("browser_https", func(t *testing.T) {
+		handshakeWhenReady(t, listen, &tls.Config{InsecureSkipVerify: true}).Close()
+		tr := &http.Transport{
+			TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+			ForceAttemptHTTP2: true, // offer h2 in ALPN, as browsers do
+		}
+		t.Cleanup(tr.CloseIdleConnections)
+		resp, err := (&http.Client{Transport: tr, Timeout: 20 * time.Second}).Get("https://" + listen + "/")
+		if err != nil {
+			t.Fatalf("HTTPS GET: %v", err)
+		}
+		if resp.TLS == nil || resp.Proto != "HTTP/1.1" {
+			t.Fatalf("protocol %s; want HTTP/1.1 over TLS", resp.Proto)
+		}
+		leaf := verifyLocalCA(t, *resp.TLS, storage, "proxy.waproxy.internal", start)
+		if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != "proxy.waproxy.internal" {
+			t.Errorf("certificate names %v; want the preset's hostname", leaf.DNSNames)
+		}
+		checkPage(t, resp)
+	})
+	t.Run("plain_get", func(t *testing.T) {
+		client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
+		resp, err := client.Get("http://" + listen + "/")
+		if err != nil {
+			t.Fatalf("GET: %v", err)
+		}
+		checkPage(t, resp)
+	})
+	t.Run("http10_without_host", func(t *testing.T) {
+		conn := dial(t, listen)
+		if _, err := io.WriteString(conn, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkPage(t, resp)
+	})
+	t.Run("site_sees_visitor", func(t *testing.T) {
+		conn := dial(t, listen)
+		if _, err := io.WriteString(conn, "GET /whoami HTTP/1.1\r\nHost: proxy.waproxy.internal\r\nConnection: close\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if string(body) != conn.LocalAddr().String() {
+			t.Fatalf("the website saw the visitor as %q; want %v", body, conn.LocalAddr())
+		}
+	})
+	t.Run("plain_chat", func(t *testing.T) {
+		conn := dial(t, listen)
+		exchange(t, conn, cat(edPrologue(), waHello()))
+	})
+	t.Run("chat_in_tls", func(t *testing.T) {
+		conn := handshakeWhenReady(t, listen, &tls.Config{InsecureSkipVerify: true})
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+		exchange(t, conn, waHello())
+	})
+	t.Run("unknown_bytes", func(t *testing.T) {
+		conn := dial(t, listen)
+		exchange(t, conn, []byte("\x00\xff not a protocol\n\x01\x02"))
+	})
+	t.Run("media_passthrough", func(t *testing.T) {
+		conn, err := tlsDial(t, listen, &tls.Config{ServerName: "mmg.whatsapp.net", RootCAs: ca.pool}, false)
+		if err != nil {
+			t.Fatalf("handshake for mmg.whatsapp.net: %v", err)
+		}
+		if !bytes.Equal(conn.ConnectionState().PeerCertificates[0].Raw, media.Cert.Certificate[0]) {
+			t.Fatal("media TLS was terminated; want the media server's certificate")
+		}
+		exchange(t, conn, []byte("GET / HTTP/1.1\r\nHost: mmg.whatsapp.net\r\n\r\n"))
+	})
+	t.Run("http_proxy", func(t *testing.T) {
+		_, originPort, _ := net.SplitHostPort(strings.TrimPrefix(origin.URL, "http://"))
+		seen, resp := getSeen(t, proxyClient(t, listen, nil), "http://localhost:"+originPort+"/echo", nil)
+		if resp.StatusCode != http.StatusOK || seen.URI != "/echo" {
+			t.Fatalf("absolute-form through the proxy: status %d, origin saw %q", resp.StatusCode, seen.URI)
+		}
+	})
+	t.Run("connect", func(t *testing.T) {
+		seen, resp := getSeen(t, proxyClient(t, listen, tlsOrigin), tlsOrigin.URL+"/echo", nil)
+		if resp.StatusCode != http.StatusOK || seen.URI != "/echo" {
+			t.Fatalf("CONNECT through the proxy: status %d, origin saw %q", resp.StatusCode, seen.URI)
+		}
+	})
+}
+
+// TestPresetLimits: max_connections_per_ip behind a load balancer counts
+// the client named in the PROXY header (the header is read before wa_limit
+// runs): a second connection for the same client is refused at once, one
+// for another client is not, and the client gets its slot back when its
+// connection closes.
+func TestPresetLimits(t *testing.T) {
+	chat := testutil.StartEcho(t)
+	listen := testutil.FreeAddr(t)
+	c := testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		proxy_protocol_from 127.0.0.1
+		max_connections 27500
+		max_connections_per_ip 1
+	}
+}`, listen, chat.Addr, t.TempDir(), nil))
+	// from connects as the client ip (documentation addresses, which no
+	// other test uses: the per-IP counts are process-wide).
+	from := func(ip string, port int) *net.TCPConn {
+		conn := dial(t, listen)
+		claimed := &net.TCPAddr{IP: net.ParseIP(ip), Port: port}
+		if _, err := proxyproto.HeaderProxyFromAddrs(2, claimed, conn.RemoteAddr()).WriteTo(conn); err != nil {
+			t.Fatal(err)
+		}
+		return conn
+	}
+	const refused = `whatsapp_proxy_errors_total{kind="max_connections_per_ip"}`
+	before := metric(t, c, refused)
+
+	first := from("192.0.2.1", 1001)
+	exchange(t, first, waHello())
+
+	second := from("192.0.2.1", 1002)
+	if _, err := second.Write(waHello()); err != nil {
+		t.Fatal(err)
+	}
+	expectClosed(t, second, 10*time.Second)
+	waitMetric(t, c, refused, before+1) // one refusal
+
+	other := from("192.0.2.2", 1003)
+	exchange(t, other, waHello())
+
+	first.Close()
+	testutil.WaitFor(t, 15*time.Second, "192.0.2.1 let in again after its connection closed", func() bool {
+		conn := from("192.0.2.1", 1004)
+		hello := waHello()
+		if _, err := conn.Write(hello); err != nil {
+			return false
+		}
+		got := make([]byte, len(hello))
+		_, err := io.ReadFull(conn, got)
+		return err == nil && bytes.Equal(got, hello)
+	})
+}
+
+// TestPresetLimitsSilent: with a connection limit in front of the routes, a
+// client that sends nothing still reaches the chat destination after the
+// preset's 2s wait (wa_silent stays the first route, behind wa_limit).
+func TestPresetLimitsSilent(t *testing.T) {
+	banner := bannerServer(t, "220 server speaks first\r\n")
+	listen := testutil.FreeAddr(t)
+	testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		max_connections 27500
+	}
+}`, listen, banner, t.TempDir(), nil))
+	conn := dial(t, listen)
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil || line != "220 server speaks first\r\n" {
+		t.Fatalf("a silent client read %q, %v; want the chat destination's banner", line, err)
+	}
+}
+
+// TestPresetWebsiteUnix: the website may listen on a Unix socket (no port
+// to pick, nothing reachable from the network).
+func TestPresetWebsiteUnix(t *testing.T) {
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte(websitePage), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "www.sock")
+	chat := testutil.StartEcho(t)
+	listen := testutil.FreeAddr(t)
+	testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		website unix/`+sock+`
+	}
+}
+
+http:// {
+	bind unix/`+sock+`
+	root * `+root+`
+	file_server
+}`, listen, chat.Addr, t.TempDir(), nil))
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
+	resp, err := client.Get("http://" + listen + "/")
+	if err != nil {
+		t.Fatalf("GET: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || string(body) != websitePage {
+		t.Fatalf("status %d, body %q; want 200 and the website's index.html", resp.StatusCode, body)
+	}
+	conn := dial(t, listen)
+	exchange(t, conn, waHello())
 }
