@@ -52,7 +52,7 @@ const (
 // (see race_on_test.go), where 200 already take longer (6-8 s on 2 cores)
 // than 1,000 without it (3-5 s). The assertions are the same.
 func reloadConns() int {
-	if raceEnabled {
+	if testutil.RaceEnabled {
 		return 200
 	}
 	return 1000

@@ -6,12 +6,13 @@ import (
 	"io"
 	"net"
 	"runtime"
-	"runtime/debug"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
 )
 
 // The relay's hot path, measured and pinned: a chunk written by the client
@@ -193,22 +194,6 @@ func BenchmarkRelayChunk(b *testing.B) {
 	}
 }
 
-// raceEnabled reports whether the test binary runs under the race
-// detector, where sync.Pool drops a quarter of what it is given (so a pooled
-// buffer is sometimes allocated anew) and allocation counts mean nothing.
-func raceEnabled() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return false
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "-race" {
-			return s.Value == "true"
-		}
-	}
-	return false
-}
-
 // TestRelayChunkAllocs pins that forwarding a chunk allocates nothing,
 // amortised, on every relay path: the relay borrows a pooled buffer per
 // chunk and gives it back. It counts the process's allocations (the relay's
@@ -247,7 +232,7 @@ func TestRelayChunkAllocs(t *testing.T) {
 			mallocs := m1.Mallocs - m0.Mallocs
 			t.Logf("%d allocations (%d bytes) over %d chunks of %d B", mallocs, m1.TotalAlloc-m0.TotalAlloc, chunks, len(chunk))
 			switch {
-			case raceEnabled():
+			case testutil.RaceEnabled:
 				t.Log("race detector on: sync.Pool drops buffers at random; allocation count not checked")
 			case mallocs > allow:
 				t.Errorf("%d allocations over %d forwarded chunks (%.3f per chunk); want at most %d in all: forwarding must not allocate",

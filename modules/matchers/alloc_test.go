@@ -3,12 +3,13 @@ package matchers
 import (
 	"crypto/tls"
 	"net"
-	"runtime/debug"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
 )
 
 // Allocation pins for the matchers' decisions (the benchmarks in the
@@ -18,22 +19,6 @@ import (
 // match sets its placeholders (boxed strings in caddy's replacer) and the
 // protocol; those few allocations are pinned as upper bounds, so that a
 // change that adds one fails here.
-
-// raceEnabled reports whether the test binary runs under the race
-// detector, where sync.Pool (the TLS matcher's scratch buffer) drops items
-// at random, so allocation counts are not checked.
-func raceEnabled() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return false
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "-race" {
-			return s.Value == "true"
-		}
-	}
-	return false
-}
 
 // allocCase is one input to a matcher and the most allocations a decision
 // on it may make.
@@ -88,7 +73,7 @@ func TestMatchAllocs(t *testing.T) {
 			}
 			t.Logf("%.1f allocations per decision (at most %.0f)", allocs, c.max)
 			switch {
-			case raceEnabled():
+			case testutil.RaceEnabled:
 				t.Log("race detector on: not checked")
 			case allocs > c.max:
 				t.Errorf("%.1f allocations per decision, want at most %.0f", allocs, c.max)
@@ -119,7 +104,7 @@ func TestClassifyAllocs(t *testing.T) {
 			{"http", func() { classifyHTTP(in, DefaultHTTPMethods) }},
 			{"tls", func() { classifyTLS(in, func() []byte { return scratch }) }},
 		} {
-			if allocs := testing.AllocsPerRun(200, cl.f); allocs != 0 && !raceEnabled() {
+			if allocs := testing.AllocsPerRun(200, cl.f); allocs != 0 && !testutil.RaceEnabled {
 				t.Errorf("classify%s(%s): %.1f allocations, want 0", cl.name, name, allocs)
 			}
 		}

@@ -2,7 +2,6 @@ package upstreams
 
 import (
 	"context"
-	"io"
 	"net"
 	"strings"
 	"testing"
@@ -172,22 +171,5 @@ func TestDirectUnmarshalCaddyfile(t *testing.T) {
 func BenchmarkDirectDial(b *testing.B) {
 	echo := testutil.StartEcho(b)
 	d := provisionDialer(b, new(Direct))
-	msg := []byte("ping")
-	buf := make([]byte, len(msg))
-	b.ReportAllocs()
-	for b.Loop() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		conn, err := d.DialContext(ctx, "tcp", echo.Addr)
-		cancel()
-		if err != nil {
-			b.Fatal(err)
-		}
-		if _, err := conn.Write(msg); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := io.ReadFull(conn, buf); err != nil {
-			b.Fatal(err)
-		}
-		conn.Close()
-	}
+	benchmarkDialEcho(b, d, echo.Addr)
 }

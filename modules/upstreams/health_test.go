@@ -604,24 +604,7 @@ func BenchmarkSOCKS5DialHealth(b *testing.B) {
 	d := newSOCKS5Dialer(b, "", "", closedAddr(b), open)
 	d.health.checkers = []*checker{{}, {}}
 	d.health.checkers[1].healthy.Store(true)
-	msg := []byte("ping")
-	buf := make([]byte, len(msg))
-	b.ReportAllocs()
-	for b.Loop() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		conn, err := d.DialContext(ctx, "tcp", echo.Addr)
-		cancel()
-		if err != nil {
-			b.Fatal(err)
-		}
-		if _, err := conn.Write(msg); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := io.ReadFull(conn, buf); err != nil {
-			b.Fatal(err)
-		}
-		conn.Close()
-	}
+	benchmarkDialEcho(b, d, echo.Addr)
 }
 
 // BenchmarkSOCKS5Skipped measures choosing the servers to skip.

@@ -489,23 +489,5 @@ func BenchmarkSOCKS5Dial(b *testing.B) {
 	echo := testutil.StartEcho(b)
 	open, _ := startCaddySOCKS5(b)
 	d := newSOCKS5Dialer(b, "", "", open)
-	msg := []byte("ping")
-	buf := make([]byte, len(msg))
-	b.ReportAllocs()
-	for b.Loop() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		conn, err := d.DialContext(ctx, "tcp", echo.Addr)
-		cancel()
-		if err != nil {
-			b.Fatal(err)
-		}
-		// One round trip, so the connection is really through.
-		if _, err := conn.Write(msg); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := io.ReadFull(conn, buf); err != nil {
-			b.Fatal(err)
-		}
-		conn.Close()
-	}
+	benchmarkDialEcho(b, d, echo.Addr)
 }
