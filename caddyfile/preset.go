@@ -1,6 +1,7 @@
 // Package caddyfile holds caddy-waproxy's high-level Caddyfile support: the
 // `waproxy` global option, a preset that expands into the layer4 app
-// configuration of a complete WhatsApp proxy.
+// configuration of a complete WhatsApp proxy, and the
+// `waproxy_grace_period` global option, which sets up the waproxy app.
 package caddyfile
 
 import (
@@ -88,6 +89,10 @@ type Preset struct {
 	// MaxConnectionsPerIP caps the live connections of one client address
 	// (wa_limit); 0 sets no cap.
 	MaxConnectionsPerIP int
+	// ConnectTimeout is the connect_timeout of every wa_proxy and wa_http
+	// handler: how long connecting to a destination may take, SOCKS5
+	// handshakes included; 0 keeps the handlers' default. Default: `5s`.
+	ConnectTimeout caddy.Duration
 }
 
 // parsePreset sets up the layer4 app from the waproxy global option.
@@ -95,7 +100,7 @@ type Preset struct {
 //
 //	waproxy {
 //		listen <addresses...>
-//		via direct | socks5 <servers...> [{ username <u>; password <p> }]
+//		via direct | socks5 <servers...> [{ username <u>; password <p>; health_check [<destination>] [{ ... }] }]
 //		hostname <name>
 //		official_ports
 //		proxy_protocol_from <cidrs...>
@@ -103,6 +108,7 @@ type Preset struct {
 //		website <address> [{ send_proxy_protocol v1|v2 }]
 //		max_connections <n>
 //		max_connections_per_ip <n>
+//		connect_timeout <duration>
 //	}
 func parsePreset(d *caddyfile.Dispenser, existingVal any) (any, error) {
 	d.Next() // consume option name
@@ -220,8 +226,23 @@ func unmarshalPreset(d *caddyfile.Dispenser) (*Preset, error) {
 			if d.NextArg() {
 				return nil, d.ArgErr()
 			}
+		case "connect_timeout":
+			if !d.NextArg() {
+				return nil, d.Err("waproxy: connect_timeout: missing duration (e.g. connect_timeout 30s)")
+			}
+			dur, err := caddy.ParseDuration(d.Val())
+			if err != nil {
+				return nil, d.Errf("waproxy: connect_timeout: bad duration '%s': %v", d.Val(), err)
+			}
+			if dur <= 0 {
+				return nil, d.Errf("waproxy: connect_timeout: must be positive, got '%s'", d.Val())
+			}
+			p.ConnectTimeout = caddy.Duration(dur)
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
 		case "grace_period":
-			return nil, d.Err("waproxy: grace_period cannot be set by the preset: a Caddyfile global option makes one Caddy app (here layer4) and the grace period belongs to the waproxy app; set apps.waproxy.grace_period in the JSON config (caddy adapt)")
+			return nil, d.Err("waproxy: grace_period is a global option of its own: write `waproxy_grace_period 30s` next to `waproxy { ... }` (the grace period belongs to the waproxy app, and this block makes the layer4 app)")
 		default:
 			return nil, d.Errf("waproxy: unrecognized option '%s'", opt)
 		}

@@ -208,9 +208,14 @@ func (p *Preset) media() object {
 	return p.withVia(object{"handler": "wa_proxy", "destination": MediaDestination})
 }
 
+// withVia adds the settings that every wa_proxy and wa_http handler of the
+// preset shares: the dialer and the connect timeout.
 func (p *Preset) withVia(h object) object {
 	if p.Via != nil {
 		h["via"] = json.RawMessage(p.Via)
+	}
+	if p.ConnectTimeout > 0 {
+		h["connect_timeout"] = int64(p.ConnectTimeout)
 	}
 	return h
 }
