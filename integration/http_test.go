@@ -737,7 +737,8 @@ func TestHTTPFailures(t *testing.T) {
 	cfg, _ := json.Marshal(obj{
 		"logging": obj{"logs": obj{"default": obj{"level": "WARN", "writer": obj{"output": "file", "filename": logFile}}}},
 		"apps": obj{"layer4": obj{"servers": obj{
-			"proxy": obj{"listen": []string{listen}, "routes": []obj{httpRoute(obj{"allow": local, "response_timeout": "300ms", "idle_timeout": "1s"})}},
+			// origin_form reject: the origin-form case below wants the 400
+			"proxy": obj{"listen": []string{listen}, "routes": []obj{httpRoute(obj{"allow": local, "response_timeout": "300ms", "idle_timeout": "1s", "origin_form": "reject"})}},
 			"via": obj{"listen": []string{viaSilent}, "routes": []obj{httpRoute(obj{
 				"allow": local, "connect_timeout": "300ms", "via": socksVia(silent),
 			})}},

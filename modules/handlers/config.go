@@ -89,11 +89,16 @@ func unmarshalTimeout(d *caddyfile.Dispenser, opt string) (caddy.Duration, error
 }
 
 // logEnd logs how a relayed connection ended (what: "connection" or
-// "tunnel") and counts the endings that are errors: a normal close or a
-// peer's reset at Debug, the idle timeout at Debug counted as idle_timeout,
-// anything else at Warn counted as relay.
+// "tunnel") and counts the endings that are errors: a cut at the end of a
+// graceful shutdown's grace period at Info (the shutdown counts it as
+// shutdown_cut), a normal close or a peer's reset at Debug, the idle
+// timeout at Debug counted as idle_timeout, anything else at Warn counted
+// as relay.
 func logEnd(logger *zap.Logger, what string, fields []zap.Field, err error) {
 	switch {
+	case errors.Is(err, errCut):
+		// before the close case: errCut matches net.ErrClosed
+		logger.Info(what+" cut at shutdown", fields...)
 	case err == nil || isClosedByPeer(err):
 		logger.Debug(what+" closed", fields...)
 	case errors.Is(err, errIdle):

@@ -32,6 +32,16 @@ const (
 	DefaultResponseTimeout = 60 * time.Second
 )
 
+// The values of wa_http's origin_form option.
+const (
+	// OriginFormPage answers origin-form requests like a plain web server,
+	// with a small default page.
+	OriginFormPage = "page"
+	// OriginFormReject answers origin-form requests `400 not a proxy
+	// request`.
+	OriginFormReject = "reject"
+)
+
 // HandleHTTP (module `layer4.handlers.wa_http`) is an HTTP/1.x forward
 // proxy on a layer4 connection, the kind browsers, curl and other apps are
 // configured with. It answers `CONNECT host:port` with `200 Connection
@@ -95,6 +105,18 @@ type HandleHTTP struct {
 	// (in either direction). Default: `200s`.
 	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
 
+	// OriginForm says how origin-form requests are answered
+	// (`GET /path HTTP/1.1`: what a browser, or a censor probing the port,
+	// sends to a web server; not a proxy request). `page` answers like a
+	// plain web server, so the port does not give the proxy away: `200`
+	// with a small default HTML page for `GET` or `HEAD` of `/`, `404` for
+	// other paths, `405` for other methods, without proxy authentication
+	// and without `Server` or `Via` fields. `reject` answers
+	// `400 not a proxy request` (after proxy authentication, when `auth` is
+	// set). CONNECT and absolute-form requests are not affected.
+	// Default: `page`.
+	OriginForm string `json:"origin_form,omitempty"`
+
 	dialer    upstreams.Dialer
 	dialerID  string
 	allow     *upstreams.Allowlist
@@ -152,6 +174,9 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 	}
 	if h.IdleTimeout == 0 {
 		h.IdleTimeout = caddy.Duration(DefaultIdleTimeout)
+	}
+	if h.OriginForm == "" {
+		h.OriginForm = OriginFormPage
 	}
 
 	allow, err := loadAllowlist(h.Allow, h.logger)
@@ -226,6 +251,11 @@ func (h *HandleHTTP) Validate() error {
 	if h.Auth != nil && h.Auth.Basic == nil {
 		return errors.New("auth: no scheme configured (want basic)")
 	}
+	switch h.OriginForm {
+	case "", OriginFormPage, OriginFormReject:
+	default:
+		return fmt.Errorf("origin_form: unknown value %q (want %s or %s)", h.OriginForm, OriginFormPage, OriginFormReject)
+	}
 	return nil
 }
 
@@ -287,6 +317,7 @@ func (c *idleConn) Write(p []byte) (int, error) {
 //		connect_timeout <duration>
 //		response_timeout <duration>
 //		idle_timeout <duration>
+//		origin_form page|reject
 //	}
 //
 // `allow` and `header` may be repeated; the others may be given once.
@@ -343,6 +374,19 @@ func (h *HandleHTTP) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.ResponseTimeout = dur
 			default:
 				h.IdleTimeout = dur
+			}
+		case "origin_form":
+			if !d.NextArg() {
+				return d.Errf("origin_form: want page or reject")
+			}
+			switch v := d.Val(); v {
+			case OriginFormPage, OriginFormReject:
+				h.OriginForm = v
+			default:
+				return d.Errf("origin_form: unknown value '%s' (want page or reject)", v)
+			}
+			if d.NextArg() {
+				return d.ArgErr()
 			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", opt)

@@ -194,6 +194,9 @@ func (c *httpConn) readRequest() (*http.Request, bool) {
 // handle answers one request. keep reports whether the connection may serve
 // another; offloaded that a tunnel took it over.
 func (c *httpConn) handle(req *http.Request) (keep, offloaded bool) {
+	if c.h.OriginForm != OriginFormReject && isOriginForm(req) {
+		return c.servePage(req), false
+	}
 	if c.h.userHash != nil && !c.h.authorized(req) {
 		kind, reason := metrics.KindProxyAuth, "proxy authentication required"
 		if req.Header.Get("Proxy-Authorization") != "" {
@@ -307,6 +310,64 @@ func requestDone(req *http.Request) bool { return req.Body == nil || req.Body ==
 // has answered it without reading its body: there is no body, and the
 // client did not ask to close (an HTTP/1.0 client without keep-alive asks).
 func canContinue(req *http.Request) bool { return requestDone(req) && !req.Close }
+
+// ---- origin-form requests ----
+
+// The pages origin_form page serves. The default page has the wording of
+// the placeholder site in examples/single-port.Caddyfile, so a proxy without
+// a website looks like one with the example's.
+const (
+	defaultPage          = `<!doctype html><html><head><title>Welcome</title></head><body><h1>It works!</h1><p>This site is under construction.</p></body></html>`
+	notFoundPage         = `<!doctype html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1><p>The requested page was not found.</p></body></html>`
+	methodNotAllowedPage = `<!doctype html><html><head><title>405 Method Not Allowed</title></head><body><h1>Method Not Allowed</h1></body></html>`
+)
+
+// isOriginForm reports whether req is a request to a web server rather than
+// to a proxy: not CONNECT, and its target is a path (`/index.html`) or `*`,
+// not an absolute URL.
+func isOriginForm(req *http.Request) bool {
+	return req.Method != http.MethodConnect && !req.URL.IsAbs()
+}
+
+// servePage answers an origin-form request like a plain web server: the
+// default page for GET or HEAD of /, 404 for other paths, 405 for other
+// methods. It returns whether the connection may serve another request.
+// This is no failure: it is logged at debug level and not counted.
+func (c *httpConn) servePage(req *http.Request) (keep bool) {
+	status, body := http.StatusOK, defaultPage
+	hdr := http.Header{
+		"Content-Type": {"text/html; charset=utf-8"},
+		"Date":         {time.Now().UTC().Format(http.TimeFormat)},
+	}
+	switch {
+	case req.Method != http.MethodGet && req.Method != http.MethodHead:
+		status, body = http.StatusMethodNotAllowed, methodNotAllowedPage
+		hdr["Allow"] = []string{"GET, HEAD"}
+	case req.URL.Path != "/":
+		status, body = http.StatusNotFound, notFoundPage
+	}
+	keep = canContinue(req)
+	if keep && !req.ProtoAtLeast(1, 1) {
+		hdr["Connection"] = []string{"keep-alive"} // an HTTP/1.0 client asked for it
+	}
+	resp := &http.Response{
+		StatusCode: status, ProtoMajor: 1, ProtoMinor: 1,
+		Header: hdr, ContentLength: int64(len(body)), Body: io.NopCloser(strings.NewReader(body)),
+		Close: !keep, Request: req, // a response to HEAD has no body
+	}
+	c.linger = c.linger || !keep
+	err := resp.Write(c.bw)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	if err != nil {
+		c.h.logger.Debug("client left before the page was sent", zap.String("remote", c.remote), zap.Error(err))
+		return false
+	}
+	c.h.logger.Debug("serve default page", zap.String("remote", c.remote), zap.String("method", req.Method),
+		zap.String("target", req.RequestURI), zap.Int("status", status))
+	return keep
+}
 
 // ---- absolute-form requests ----
 

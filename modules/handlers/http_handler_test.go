@@ -4,12 +4,21 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
 
 // provisionHTTP provisions a wa_http handler from its JSON, as Caddy does.
@@ -43,6 +52,9 @@ func TestHandleHTTPProvision(t *testing.T) {
 	if !h.allow.AllowsHost("g.whatsapp.net") || h.allow.AllowsHost("example.com") {
 		t.Fatal("the default allowlist is not WhatsApp's domains")
 	}
+	if h.OriginForm != OriginFormPage {
+		t.Fatalf("origin_form defaults to %q, want %q", h.OriginForm, OriginFormPage)
+	}
 	for _, c := range []struct {
 		header string
 		want   bool
@@ -73,6 +85,7 @@ func TestHandleHTTPProvision(t *testing.T) {
 		{`{"allow":["10.0.0.0/99"]}`, "bad CIDR"},
 		{`{"via":{"dialer":"pigeon"}}`, "wa.dialers.pigeon"},
 		{`{"idle_timeout":-1}`, "idle_timeout must not be negative"},
+		{`{"origin_form":"serve"}`, `origin_form: unknown value "serve" (want page or reject)`},
 		{`{"headers":{"request":{"replace":{"X":[{"search_regexp":"("}]}}}}`, "headers: replacement 0 for header field 'X'"},
 	} {
 		if _, err := provisionHTTP(t, c.config); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -110,6 +123,35 @@ func TestDestination(t *testing.T) {
 	}
 }
 
+// TestIsOriginForm: requests to a web server (a path or `*` as target)
+// are told apart from proxy requests (CONNECT, absolute URLs), which keep
+// their own handling whatever origin_form says.
+func TestIsOriginForm(t *testing.T) {
+	for _, c := range []struct {
+		request string
+		want    bool
+	}{
+		{"GET / HTTP/1.1", true},
+		{"HEAD /index.html?x=1 HTTP/1.1", true},
+		{"POST /form HTTP/1.0", true},
+		{"OPTIONS * HTTP/1.1", true},
+		{"GET //host/path HTTP/1.1", true},
+		{"GET http://example.com/ HTTP/1.1", false},
+		{"GET https://example.com/ HTTP/1.1", false},
+		{"GET ftp://example.com/ HTTP/1.1", false},
+		{"CONNECT g.whatsapp.net:443 HTTP/1.1", false},
+		{"CONNECT /path HTTP/1.1", false},
+	} {
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(c.request + "\r\nHost: h\r\n\r\n")))
+		if err != nil {
+			t.Fatalf("%q: %v", c.request, err)
+		}
+		if got := isOriginForm(req); got != c.want {
+			t.Errorf("isOriginForm(%q) = %v, want %v", c.request, got, c.want)
+		}
+	}
+}
+
 func TestRemoveHopByHop(t *testing.T) {
 	hdr := http.Header{
 		"Connection":          {"keep-alive, X-Hop", "Upgrade, x-other"},
@@ -136,5 +178,46 @@ func TestRemoveHopByHop(t *testing.T) {
 	removeHopByHop(hdr)
 	if len(hdr) != 0 {
 		t.Fatalf("TE without trailers kept: %v", hdr)
+	}
+}
+
+// TestLogEndCut: how logEnd (shared by wa_proxy's connections and wa_http's
+// tunnels) logs and counts each ending. A cut at shutdown is logged at info
+// level and counted by the shutdown, not as relay (errCut matches
+// net.ErrClosed, which alone would log it as a plain close).
+func TestLogEndCut(t *testing.T) {
+	for _, c := range []struct {
+		err   error
+		level zapcore.Level
+		msg   string
+		kind  string // the errors_total kind that grows, if any
+	}{
+		{errCut, zapcore.InfoLevel, "tunnel cut at shutdown", ""},
+		{fmt.Errorf("relay: %w", errCut), zapcore.InfoLevel, "tunnel cut at shutdown", ""},
+		{nil, zapcore.DebugLevel, "tunnel closed", ""},
+		{net.ErrClosed, zapcore.DebugLevel, "tunnel closed", ""},
+		{errIdle, zapcore.DebugLevel, "close idle tunnel", metrics.KindIdleTimeout},
+		{errors.New("boom"), zapcore.WarnLevel, "relay", metrics.KindRelay},
+	} {
+		core, logs := observer.New(zapcore.DebugLevel)
+		kinds := []string{metrics.KindIdleTimeout, metrics.KindRelay}
+		before := make(map[string]float64)
+		for _, k := range kinds {
+			before[k] = testutil.ToFloat64(metrics.Errors.WithLabelValues(k))
+		}
+		logEnd(zap.New(core), "tunnel", []zap.Field{zap.String("remote", "127.0.0.1:1")}, c.err)
+		entries := logs.All()
+		if len(entries) != 1 || entries[0].Level != c.level || entries[0].Message != c.msg {
+			t.Errorf("%v: logged %v, want one %v %q", c.err, entries, c.level, c.msg)
+		}
+		for _, k := range kinds {
+			want := before[k]
+			if k == c.kind {
+				want++
+			}
+			if got := testutil.ToFloat64(metrics.Errors.WithLabelValues(k)); got != want {
+				t.Errorf("%v: errors_total{kind=%q} %v, want %v", c.err, k, got, want)
+			}
+		}
 	}
 }
