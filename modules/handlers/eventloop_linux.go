@@ -3,15 +3,21 @@
 package handlers
 
 import (
+	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/mholt/caddy-l4/layer4"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
@@ -450,4 +456,399 @@ func sockError(fd int) error {
 		return errors.New("socket error")
 	}
 	return unix.Errno(v)
+}
+
+// TLS-terminated connections cannot go to the event loop: crypto/tls must
+// read and write them. They get the next best thing: an idle one has no
+// goroutine and no buffer. A waker (one epoll set and one goroutine, apart
+// from the event loops) watches both sockets of the pair and, when one is
+// readable, starts a goroutine that moves what came and ends; its socket is
+// watched again after that (one-shot, so one goroutine per direction at
+// most). The connection's state stays in crypto/tls, and caddy-l4's handler
+// goroutine returns, as with the event loop.
+
+type waker struct {
+	epfd    int
+	mu      sync.Mutex
+	next    uint64
+	watches map[uint64]*watch
+}
+
+// watch is one socket registered with the waker; f runs in a new goroutine
+// each time the socket becomes readable (or ends, or fails) while armed.
+// The epoll calls go through the connection's RawConn, so they never touch a
+// closed socket's number that a newer connection may have reused.
+type watch struct {
+	w    *waker
+	id   uint64
+	sock syscall.RawConn
+	f    func()
+}
+
+// ctl runs epoll_ctl for the watch's socket.
+func (wt *watch) ctl(op int, ev *unix.EpollEvent) error {
+	var err error
+	if cerr := wt.sock.Control(func(fd uintptr) { err = unix.EpollCtl(wt.w.epfd, op, int(fd), ev) }); cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+var (
+	wakerOnce sync.Once
+	theWaker  *waker
+	wakerErr  error
+)
+
+// watchedSockets is how many sockets the waker watches (for tests); -1
+// without a waker.
+func watchedSockets() int {
+	w, err := startWaker()
+	if err != nil {
+		return -1
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.watches)
+}
+
+func startWaker() (*waker, error) {
+	wakerOnce.Do(func() {
+		epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if err != nil {
+			wakerErr = fmt.Errorf("epoll_create1: %w", err)
+			return
+		}
+		theWaker = &waker{epfd: epfd, watches: make(map[uint64]*watch)}
+		go theWaker.run()
+	})
+	return theWaker, wakerErr
+}
+
+const watchEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
+
+// epollEvent carries a watch's id in the event's data (Fd and Pad), so an
+// event still queued for a removed watch finds nothing.
+func (wt *watch) epollEvent() *unix.EpollEvent {
+	return &unix.EpollEvent{Events: watchEvents, Fd: int32(uint32(wt.id)), Pad: int32(uint32(wt.id >> 32))}
+}
+
+// add registers wt (its sock and f set), armed. Stop it before closing the
+// socket.
+func (w *waker) add(wt *watch) error {
+	w.mu.Lock()
+	w.next++
+	wt.w, wt.id = w, w.next
+	w.watches[wt.id] = wt
+	w.mu.Unlock()
+	if err := wt.ctl(unix.EPOLL_CTL_ADD, wt.epollEvent()); err != nil {
+		w.mu.Lock()
+		delete(w.watches, wt.id)
+		w.mu.Unlock()
+		return fmt.Errorf("epoll_ctl add: %w", err)
+	}
+	return nil
+}
+
+// arm watches the socket again after f ran.
+func (wt *watch) arm() error {
+	if err := wt.ctl(unix.EPOLL_CTL_MOD, wt.epollEvent()); err != nil {
+		return fmt.Errorf("epoll_ctl mod: %w", err)
+	}
+	return nil
+}
+
+// stop ends the watch; call it before closing the socket.
+func (wt *watch) stop() {
+	if wt.w == nil {
+		return // never added
+	}
+	_ = wt.ctl(unix.EPOLL_CTL_DEL, nil)
+	wt.w.mu.Lock()
+	delete(wt.w.watches, wt.id)
+	wt.w.mu.Unlock()
+}
+
+func (w *waker) run() {
+	events := make([]unix.EpollEvent, 256)
+	for {
+		n, err := unix.EpollWait(w.epfd, events, -1)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		for i := range max(n, 0) {
+			id := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
+			w.mu.Lock()
+			wt := w.watches[id]
+			w.mu.Unlock()
+			if wt != nil {
+				go wt.f()
+			}
+		}
+	}
+}
+
+// tlsPair is a TLS-terminated client and a plain upstream relayed on
+// wake-ups.
+type tlsPair struct {
+	r         relay
+	tc        *tls.Conn
+	up        *net.TCPConn
+	upRaw     syscall.RawConn
+	clientRaw syscall.RawConn // the duplicate of the client's socket
+	orig      *net.TCPConn    // the client's socket as caddy-l4 holds it, see handedOff
+	watches   [2]*watch       // the client's and the upstream's sockets
+	counters  [2]prometheus.Counter
+	timer     *time.Timer
+	dirs      atomic.Int32 // directions that ended with EOF
+	cut       atomic.Bool
+	ended     atomic.Bool // finish ran
+	once      sync.Once
+	done      func(pairStats, error)
+
+	handoff sync.Once
+}
+
+// offloadTLS relays a TLS-terminated client (crypto/tls over caddy-l4's
+// Connection over a TCP socket) and a plain TCP upstream on wake-ups, so an
+// idle pair holds no goroutine and no buffer. Like offloadCuttable it takes
+// over both connections and returns at once: the client's socket and the
+// upstream's are duplicated into connections of the relay's own (caddy-l4
+// closes the originals when the handler returns), and caddy-l4's Connection
+// under the tls.Conn is pointed at the duplicate. done runs once when the
+// pair ends (nil when both directions ended with EOF, errIdle, errCut or the
+// first failure); cut ends the pair from any goroutine. ok is false, with
+// nothing changed, when the connections are not of that shape.
+func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool) {
+	if relayMode != "" {
+		return nil, false
+	}
+	tc, ok1 := client.(*tls.Conn)
+	uc, ok2 := upstream.(*net.TCPConn)
+	if !ok1 || !ok2 {
+		return nil, false
+	}
+	cx, ok1 := tc.NetConn().(*layer4.Connection)
+	if !ok1 {
+		return nil, false
+	}
+	orig, ok1 := cx.Conn.(*net.TCPConn)
+	if !ok1 {
+		return nil, false
+	}
+	w, err := startWaker()
+	if err != nil {
+		return nil, false
+	}
+	p := &tlsPair{tc: tc, orig: orig, counters: [2]prometheus.Counter{fromClient, fromUpstream}, done: done}
+	p.r = relay{idle: idle, up: n[0], down: n[1]}
+	// crypto/tls may hold bytes read with the handshake: move them now,
+	// while this goroutine still owns the connection.
+	eof, err := p.r.readTLS(uc, tc, nil, false, n[0], fromClient)
+	if err != nil || eof {
+		return nil, false // the goroutine relay sees the same at once
+	}
+	cdup, err := adoptTCP(orig)
+	if err != nil {
+		return nil, false
+	}
+	udup, err := adoptTCP(uc)
+	if err != nil {
+		_ = cdup.Close()
+		return nil, false
+	}
+	p.up = udup
+	craw, err1 := cdup.SyscallConn()
+	uraw, err2 := udup.SyscallConn()
+	if err1 != nil || err2 != nil {
+		_ = cdup.Close()
+		_ = udup.Close()
+		return nil, false
+	}
+	p.upRaw, p.clientRaw = uraw, craw
+	cx.Conn = cdup // crypto/tls now reads and writes the duplicate
+	// Nothing reads the connection's context any more (its replacer and
+	// variables, the ClientHello): let the garbage collector have it while
+	// the connection lives on.
+	cx.Context = context.Background()
+	_ = upstream.Close()
+	p.r.touch()
+	p.watches = [2]*watch{{sock: craw, f: p.clientReadable}, {sock: uraw, f: p.upstreamReadable}}
+	p.timer = time.AfterFunc(time.Duration(math.MaxInt64), p.idleCheck)
+	p.timer.Reset(idle) // after p.timer is set: idleCheck reads it
+	for _, wt := range p.watches {
+		if err := w.add(wt); err != nil {
+			p.handoff.Do(func() {}) // still this goroutine's: no wait for caddy-l4
+			p.finish(err)
+			break
+		}
+	}
+	return p.requestCut, true
+}
+
+// adoptTCP returns a new connection on a duplicate of c's socket, which
+// stays open when c is closed.
+func adoptTCP(c *net.TCPConn) (*net.TCPConn, error) {
+	fd, err := dupFD(c)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "")
+	nc, err := net.FileConn(f) // dups again
+	_ = f.Close()
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		_ = nc.Close()
+		return nil, errors.New("not a TCP connection")
+	}
+	return tc, nil
+}
+
+// handedOff waits until caddy-l4 is done with the connection before this
+// goroutine touches the tls.Conn: caddy-l4's handler goroutine reads its
+// Connection's byte counts (which crypto/tls's reads and writes through it
+// update) after the handler returns, and then closes the original socket.
+// Seeing that socket closed orders those reads before ours. The wait is
+// short (the handler returns right after offloadTLS) and bounded, should a
+// caddy-l4 version not close it.
+func (p *tlsPair) handedOff() {
+	p.handoff.Do(func() {
+		raw, err := p.orig.SyscallConn()
+		if err != nil {
+			return
+		}
+		for i := range 20000 {
+			if raw.Control(func(uintptr) {}) != nil {
+				return // closed
+			}
+			if i < 100 {
+				runtime.Gosched() // the handler's goroutine is about to return
+			} else {
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+	})
+}
+
+// clientReadable moves what the client sent (all crypto/tls has, see
+// readTLS) to the upstream.
+func (p *tlsPair) clientReadable() {
+	p.handedOff()
+	eof, err := p.r.readTLS(p.up, p.tc, p.clientRaw, true, p.r.up, p.counters[0])
+	switch {
+	case err != nil:
+		p.finish(err)
+	case eof:
+		closeWrite(p.up)
+		p.dirDone()
+	default:
+		if err := p.watches[0].arm(); err != nil {
+			p.finish(err)
+		}
+	}
+}
+
+// upstreamReadable moves what the upstream sent to the client, until the
+// socket has nothing more.
+func (p *tlsPair) upstreamReadable() {
+	p.handedOff()
+	for {
+		bp := borrowGeneric()
+		var (
+			n    int
+			rerr error
+		)
+		err := p.upRaw.Read(func(fd uintptr) bool {
+			for {
+				n, rerr = syscall.Read(int(fd), *bp)
+				if rerr != syscall.EINTR {
+					return true // no waiting: the waker does that
+				}
+			}
+		})
+		if err == nil {
+			err = rerr
+		}
+		switch {
+		case err == syscall.EAGAIN:
+			returnGeneric(bp)
+			if err := p.watches[1].arm(); err != nil {
+				p.finish(err)
+			}
+			return
+		case err != nil:
+			returnGeneric(bp)
+			p.finish(err)
+			return
+		case n <= 0: // EOF
+			returnGeneric(bp)
+			closeWrite(p.tc)
+			p.dirDone()
+			return
+		}
+		p.r.touch()
+		_, werr := p.tc.Write((*bp)[:n])
+		returnGeneric(bp)
+		p.r.down.Add(int64(n))
+		p.counters[1].Add(float64(n))
+		if werr != nil {
+			p.finish(werr)
+			return
+		}
+	}
+}
+
+func (p *tlsPair) dirDone() {
+	if p.dirs.Add(1) == 2 {
+		p.finish(nil)
+	}
+}
+
+// idleCheck runs when the idle timeout may have passed.
+func (p *tlsPair) idleCheck() {
+	if p.ended.Load() {
+		return
+	}
+	if rest := p.r.idle - time.Since(time.Unix(0, p.r.lastActive.Load())); rest > 0 {
+		p.timer.Reset(rest)
+		return
+	}
+	p.finish(errIdle)
+}
+
+// requestCut ends the pair with errCut. It does not wait: finish may wait
+// for caddy-l4 to let go of the connection (handedOff), and a cut that came
+// before the relay took over runs on the handler's goroutine (ReplaceCut).
+func (p *tlsPair) requestCut() {
+	p.cut.Store(true)
+	go p.finish(errCut)
+}
+
+// finish ends the pair once: it stops watching and closes both connections,
+// which ends a wake-up goroutine still reading or writing, and reports to
+// done.
+func (p *tlsPair) finish(err error) {
+	p.once.Do(func() {
+		p.ended.Store(true)
+		if p.cut.Load() {
+			err = errCut
+		}
+		if p.timer != nil {
+			p.timer.Stop()
+		}
+		for _, wt := range p.watches {
+			if wt != nil {
+				wt.stop()
+			}
+		}
+		p.handedOff()
+		_ = p.up.Close()
+		_ = p.tc.Close()
+		p.done(pairStats{toUpstream: p.r.up.Load(), toClient: p.r.down.Load()}, err)
+	})
 }

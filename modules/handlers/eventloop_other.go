@@ -24,3 +24,13 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 	done func(pairStats, error)) (cut func(), ok bool) {
 	return nil, false
 }
+
+// offloadTLS is Linux-only (epoll); elsewhere the goroutine relay carries
+// TLS-terminated connections.
+func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool) {
+	return nil, false
+}
+
+// watchedSockets is -1: there is no waker.
+func watchedSockets() int { return -1 }

@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mholt/caddy-l4/layer4"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
@@ -23,12 +25,28 @@ const relayBufSize = 32 * 1024
 
 var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 
-// genericBufSize is the buffer the blocking copy loop holds per direction
-// for the whole life of a wrapped connection. A TLS read returns at most one
-// record (16 KiB of plaintext), so a larger buffer would only sit idle.
+// genericBufSize is the size of the buffers for wrapped connections: the
+// TLS copy loops borrow one while bytes are in flight, the blocking copy loop
+// (other wrappers) holds one per direction for the connection's whole life.
+// A TLS read returns at most one record (16 KiB of plaintext), so a larger
+// buffer would only sit idle.
 const genericBufSize = 16 * 1024
 
 var genericBufs = sync.Pool{New: func() any { b := make([]byte, genericBufSize); return &b }}
+
+// genericBorrowed counts the genericBufs buffers the goroutine relays hold
+// right now, so tests can check that an idle TLS relay holds none.
+var genericBorrowed atomic.Int64
+
+func borrowGeneric() *[]byte {
+	genericBorrowed.Add(1)
+	return genericBufs.Get().(*[]byte)
+}
+
+func returnGeneric(bp *[]byte) {
+	genericBufs.Put(bp)
+	genericBorrowed.Add(-1)
+}
 
 // relayMode selects how established connections are relayed. Empty (the
 // default) uses the event loop for plain TCP pairs where the platform has
@@ -41,8 +59,9 @@ var errIdle = errors.New("idle timeout")
 
 // errCut reports a connection ended from outside: a graceful shutdown cut it
 // at the end of its grace period (registry.CutAll). It matches net.ErrClosed,
-// so the handlers log it like a closed connection rather than as a relay
-// failure; the shutdown counts it (errors_total{kind="shutdown_cut"}).
+// so code that checks for a closed connection treats it as one; logEnd logs
+// it at Info as "<what> cut at shutdown", not as a relay failure; the
+// shutdown counts it (errors_total{kind="shutdown_cut"}).
 var errCut error = cutError{}
 
 type cutError struct{}
@@ -104,9 +123,12 @@ func (r *relay) touch() { r.lastActive.Store(time.Now().UnixNano()) }
 // and returns nil.
 func (r *relay) pipe(dst, src net.Conn, total *atomic.Int64, counter prometheus.Counter) error {
 	var err error
-	if tc, ok := src.(*net.TCPConn); ok {
-		err = r.pipeTCP(dst, tc, total, counter)
-	} else {
+	switch s := src.(type) {
+	case *net.TCPConn:
+		err = r.pipeTCP(dst, s, total, counter)
+	case *tls.Conn:
+		err = r.pipeTLS(dst, s, total, counter)
+	default:
 		err = r.pipeGeneric(dst, src, total, counter)
 	}
 	if err == nil {
@@ -179,11 +201,165 @@ func (r *relay) pipeTCP(dst net.Conn, src *net.TCPConn, total *atomic.Int64, cou
 	}
 }
 
-// pipeGeneric is the copy loop for connections without a raw socket (TLS,
+// pipeTLS copies from a TLS connection without holding a buffer while it is
+// idle: it waits until the TCP socket under src is readable (peeking, so no
+// byte is taken from crypto/tls), then borrows a buffer and reads what came.
+//
+// crypto/tls may keep bytes it has already received: more complete records
+// in its raw input (one Read returns one record's data), or the start of the
+// next record. Waiting on the socket then could stall with data inside src,
+// so after a read that returned data it keeps reading with an expired
+// deadline until the read times out, which happens only when src must go to
+// the socket for more; crypto/tls does not make a timeout sticky, and keeps
+// a partial record for the next read. The same drain runs first, for bytes
+// read together with the handshake.
+//
+// Without a TCP socket under src (say a PROXY-protocol wrapper), it falls
+// back to pipeGeneric.
+func (r *relay) pipeTLS(dst net.Conn, src *tls.Conn, total *atomic.Int64, counter prometheus.Counter) error {
+	sock := tcpUnder(src)
+	if sock == nil {
+		return r.pipeGeneric(dst, src, total, counter)
+	}
+	raw, err := sock.SyscallConn()
+	if err != nil {
+		return r.pipeGeneric(dst, src, total, counter)
+	}
+	// ready is set by the wait callback on this goroutine only.
+	var ready bool
+	readable := func(fd uintptr) bool {
+		ready = peekReadable(fd)
+		return ready
+	}
+	eof, err := r.readTLS(dst, src, raw, false, total, counter)
+	for !eof && err == nil {
+		if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+			return err
+		}
+		ready = false
+		if err := raw.Read(readable); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !ready {
+				if r.activeWithin() {
+					continue
+				}
+				return errIdle
+			}
+			return err
+		}
+		eof, err = r.readTLS(dst, src, raw, true, total, counter)
+	}
+	return err
+}
+
+// readTLS reads from src into a borrowed buffer and writes each chunk to dst,
+// until src has nothing more, neither buffered nor in its socket sock (the
+// TCP socket under src, or nil). With wait (the socket is readable) the first
+// read may wait, up to the idle timeout, for the rest of a record; then, and
+// from the start without wait, it reads with an expired deadline, and when
+// that times out it looks at the socket once more. It returns eof when src
+// ended cleanly, and nil with eof false when src has nothing more to read.
+func (r *relay) readTLS(dst net.Conn, src *tls.Conn, sock syscall.RawConn, wait bool, total *atomic.Int64, counter prometheus.Counter) (eof bool, err error) {
+	draining := !wait
+	deadline := time.Now()
+	if wait {
+		deadline = deadline.Add(r.idle)
+	}
+	if err := src.SetReadDeadline(deadline); err != nil {
+		return false, err
+	}
+	bp := borrowGeneric()
+	defer returnGeneric(bp)
+	buf := *bp
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			r.touch()
+			_, werr := dst.Write(buf[:n])
+			total.Add(int64(n))
+			counter.Add(float64(n))
+			if werr != nil {
+				return false, werr
+			}
+		}
+		switch {
+		case err == nil:
+			if !draining {
+				draining = true
+				if err := src.SetReadDeadline(time.Now()); err != nil {
+					return false, err
+				}
+			}
+		case errors.Is(err, io.EOF):
+			return true, nil
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if draining {
+				if sock == nil || !socketReadable(sock) {
+					return false, nil // nothing left inside src: wait on the socket
+				}
+				// more came meanwhile: read on (saves a wait)
+				draining = false
+				if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+					return false, err
+				}
+				continue
+			}
+			if !r.activeWithin() {
+				return false, errIdle
+			}
+			if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+				return false, err
+			}
+		default:
+			return false, err
+		}
+	}
+}
+
+// tcpUnder returns the TCP socket under a terminated TLS connection (caddy-l4
+// wraps it in its Connection), or nil when there is another wrapper between.
+func tcpUnder(c net.Conn) *net.TCPConn {
+	for range 4 {
+		switch v := c.(type) {
+		case *net.TCPConn:
+			return v
+		case *tls.Conn:
+			c = v.NetConn()
+		case *layer4.Connection:
+			c = v.Conn
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// socketReadable reports whether sock has a byte to read (or has ended or
+// failed), without waiting and whatever its read deadline.
+func socketReadable(sock syscall.RawConn) bool {
+	ready := false
+	if err := sock.Control(func(fd uintptr) { ready = peekReadable(fd) }); err != nil {
+		return true // let the read report it
+	}
+	return ready
+}
+
+// peekReadable reports whether the socket fd has a byte to read, has ended or
+// has failed, without taking anything from it; false means it would block.
+func peekReadable(fd uintptr) bool {
+	var b [1]byte
+	for {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if err != syscall.EINTR {
+			return err != syscall.EAGAIN
+		}
+	}
+}
+
+// pipeGeneric is the copy loop for connections without a raw socket (e.g.
 // PROXY-protocol wrappers): it holds one pooled buffer while it runs.
 func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prometheus.Counter) error {
-	bp := genericBufs.Get().(*[]byte)
-	defer genericBufs.Put(bp)
+	bp := borrowGeneric()
+	defer returnGeneric(bp)
 	buf := *bp
 	for {
 		if err := src.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
@@ -229,10 +405,11 @@ func closeWrite(c net.Conn) {
 }
 
 // carry relays client and up until both directions end: on the event loop
-// when it can take them (carry then returns true at once, and done and
-// release run on the loop when the pair ends), else on this goroutine (done
-// runs before carry returns false; release is left to the caller). up is
-// closed either way. The bytes read from the client and from the upstream
+// when it can take them, or on wake-ups for a TLS-terminated client
+// (offloadTLS; carry then returns true at once, and done and release run on
+// another goroutine when the pair ends), else on this goroutine (done runs
+// before carry returns false; release is left to the caller). up is closed
+// either way. The bytes read from the client and from the upstream
 // are added to rc's FromClient and FromUpstream as they move, so they can be
 // read while the pair lives; done's pairStats holds their final values.
 //
@@ -242,10 +419,16 @@ func closeWrite(c net.Conn) {
 // it.
 func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 	done func(pairStats, error), release func()) (offloaded bool) {
-	if cut, ok := offloadCuttable(client, up, idle, [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}, metrics.BytesReceived, metrics.BytesSent, func(st pairStats, err error) {
+	n := [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}
+	end := func(st pairStats, err error) {
 		done(st, err)
 		release()
-	}); ok {
+	}
+	if cut, ok := offloadCuttable(client, up, idle, n, metrics.BytesReceived, metrics.BytesSent, end); ok {
+		rc.ReplaceCut(cut)
+		return true
+	}
+	if cut, ok := offloadTLS(client, up, idle, n, metrics.BytesReceived, metrics.BytesSent, end); ok {
 		rc.ReplaceCut(cut)
 		return true
 	}
