@@ -613,10 +613,11 @@ type tlsPair struct {
 // offloadTLS relays a TLS-terminated client (crypto/tls over caddy-l4's
 // Connection over a TCP socket) and a plain TCP upstream on wake-ups, so an
 // idle pair holds no goroutine and no buffer. Like offloadCuttable it takes
-// over both connections and returns at once: the client's socket and the
-// upstream's are duplicated into connections of the relay's own (caddy-l4
-// closes the originals when the handler returns), and caddy-l4's Connection
-// under the tls.Conn is pointed at the duplicate. done runs once when the
+// over both connections and returns at once: the client's socket is
+// duplicated into a connection of the relay's own (caddy-l4 closes the
+// original when the handler returns) and caddy-l4's Connection under the
+// tls.Conn is pointed at the duplicate; the upstream connection is used as
+// it is (carry owns it: its callers never close it after handing it over). done runs once when the
 // pair ends (nil when both directions ended with EOF, errIdle, errCut or the
 // first failure); cut ends the pair from any goroutine. ok is false, with
 // nothing changed, when the connections are not of that shape.
@@ -654,17 +655,14 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 	if err != nil {
 		return nil, false
 	}
-	udup, err := adoptTCP(uc)
-	if err != nil {
-		_ = cdup.Close()
-		return nil, false
-	}
-	p.up = udup
+	// The upstream is the relay's already (carry's callers leave it to
+	// carry): no copy needed, unlike the client's socket, which caddy-l4
+	// closes when the handler returns.
+	p.up = uc
 	craw, err1 := cdup.SyscallConn()
-	uraw, err2 := udup.SyscallConn()
+	uraw, err2 := uc.SyscallConn()
 	if err1 != nil || err2 != nil {
 		_ = cdup.Close()
-		_ = udup.Close()
 		return nil, false
 	}
 	p.upRaw, p.clientRaw = uraw, craw
@@ -673,7 +671,6 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 	// variables, the ClientHello): let the garbage collector have it while
 	// the connection lives on.
 	cx.Context = context.Background()
-	_ = upstream.Close()
 	p.r.touch()
 	p.watches = [2]*watch{{sock: craw, f: p.clientReadable}, {sock: uraw, f: p.upstreamReadable}}
 	p.timer = time.AfterFunc(time.Duration(math.MaxInt64), p.idleCheck)
@@ -792,10 +789,10 @@ func (p *tlsPair) upstreamReadable() {
 			return
 		}
 		p.r.touch()
+		p.r.down.Add(int64(n)) // counted as read, before the write
+		p.counters[1].Add(float64(n))
 		_, werr := p.tc.Write((*bp)[:n])
 		returnGeneric(bp)
-		p.r.down.Add(int64(n))
-		p.counters[1].Add(float64(n))
 		if werr != nil {
 			p.finish(werr)
 			return

@@ -244,7 +244,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			zap.String("kind", upstreams.ErrorKind(err)), zap.Error(err))
 		return nil
 	}
-	defer up.Close()
+	carried := false // from carry on, the relay owns up and closes it
+	defer func() {
+		if !carried {
+			_ = up.Close()
+		}
+	}()
 
 	// The first write carries the PROXY header (if any) and the bytes the
 	// matchers have already read, in one writev.
@@ -313,6 +318,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		logEnd(h.logger, "connection", fields, err)
 	}
 
+	carried = true
 	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), rc, end, release) {
 		offloaded = true
 	}

@@ -191,10 +191,12 @@ func (r *relay) pipeTCP(dst net.Conn, src *net.TCPConn, total *atomic.Int64, cou
 			return nil // EOF
 		}
 		r.touch()
-		_, werr := dst.Write((*bp)[:n])
-		relayBufs.Put(bp)
+		// counted as read, before the write: a peer that has seen the
+		// bytes sees them counted
 		total.Add(int64(n))
 		counter.Add(float64(n))
+		_, werr := dst.Write((*bp)[:n])
+		relayBufs.Put(bp)
 		if werr != nil {
 			return werr
 		}
@@ -274,9 +276,9 @@ func (r *relay) readTLS(dst net.Conn, src *tls.Conn, sock syscall.RawConn, wait 
 		n, err := src.Read(buf)
 		if n > 0 {
 			r.touch()
-			_, werr := dst.Write(buf[:n])
-			total.Add(int64(n))
+			total.Add(int64(n)) // counted as read, before the write
 			counter.Add(float64(n))
+			_, werr := dst.Write(buf[:n])
 			if werr != nil {
 				return false, werr
 			}
@@ -368,9 +370,9 @@ func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prom
 		n, err := src.Read(buf)
 		if n > 0 {
 			r.touch()
-			_, werr := dst.Write(buf[:n])
-			total.Add(int64(n))
+			total.Add(int64(n)) // counted as read, before the write
 			counter.Add(float64(n))
+			_, werr := dst.Write(buf[:n])
 			if werr != nil {
 				return werr
 			}
@@ -408,8 +410,9 @@ func closeWrite(c net.Conn) {
 // when it can take them, or on wake-ups for a TLS-terminated client
 // (offloadTLS; carry then returns true at once, and done and release run on
 // another goroutine when the pair ends), else on this goroutine (done runs
-// before carry returns false; release is left to the caller). up is closed
-// either way. The bytes read from the client and from the upstream
+// before carry returns false; release is left to the caller). carry owns up
+// from the call on: it closes it either way, and callers must not close it
+// (the wake-up relay keeps using it after carry returned). The bytes read from the client and from the upstream
 // are added to rc's FromClient and FromUpstream as they move, so they can be
 // read while the pair lives; done's pairStats holds their final values.
 //
