@@ -98,7 +98,8 @@ func waitCut(t *testing.T, ended <-chan error) {
 	}
 }
 
-// expectEOF asserts the peer sees its connection end without more bytes.
+// expectEOF asserts the peer sees its connection end without more bytes
+// (for a TLS client: close_notify or a closed socket).
 func expectEOF(t *testing.T, c net.Conn) {
 	t.Helper()
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
