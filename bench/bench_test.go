@@ -349,7 +349,7 @@ func TestParseFlagsQuick(t *testing.T) {
 		!full.scaling || !slices.Equal(levels(full.idleConns), []int{1000, 5000, 9000}) || full.microsocks != "/usr/bin/microsocks" {
 		t.Errorf("defaults: targets %v, scaling %v at %v, microsocks %s", full.targets, full.scaling, levels(full.idleConns), full.microsocks)
 	}
-	if !slices.Equal(full.figures, []string{"chat", "idle", "bulk", "tls"}) ||
+	if !slices.Equal(full.figures, []string{"chat", "idle", "bulk", "tls", "tlsbulk"}) ||
 		!slices.Equal(full.tlsCerts, []string{"rsa2048", "p256", "default"}) || full.tlsGroups != "x25519" {
 		t.Errorf("defaults: figures %v, tls certs %v, groups %s", full.figures, full.tlsCerts, full.tlsGroups)
 	}
@@ -408,14 +408,15 @@ func TestTLSEdgeProbe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := startTLSEdge(f)
+	echoEdge := &edge{}
+	e, err := startTLSEdge(f, echoEdge.handle)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer e.Close()
 	ctx := context.Background()
 	ts := &tlsServe{files: f, want: "ECDSA P-256", client: clientTLS("x25519")}
-	if err := ts.probe(ctx, e.Addr().String()); err != nil {
+	if err := ts.probe(ctx, echoEdge, e.Addr().String()); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"TLS 1.3", "X25519", "ECDSA P-256 leaf", "1 certificate(s)"} {
@@ -424,7 +425,7 @@ func TestTLSEdgeProbe(t *testing.T) {
 		}
 	}
 	wrong := &tlsServe{files: f, want: "RSA-2048", client: clientTLS("x25519")}
-	if err := wrong.probe(ctx, e.Addr().String()); err == nil || !strings.Contains(err.Error(), "want RSA-2048") {
+	if err := wrong.probe(ctx, echoEdge, e.Addr().String()); err == nil || !strings.Contains(err.Error(), "want RSA-2048") {
 		t.Errorf("probe of a P-256 edge wanting RSA-2048: %v, want a key type error", err)
 	}
 	// The load loop over TLS: every exchange is a full handshake.
@@ -432,6 +433,58 @@ func TestTLSEdgeProbe(t *testing.T) {
 	if res.Conns == 0 || res.Errors > 0 {
 		t.Errorf("TLS exchanges: %d done, %d failed (%s)", res.Conns, res.Errors, res.FirstErr)
 	}
+}
+
+// The tlsbulk figure's path through real sockets: the direct target's TLS
+// edge serving the bulk stream, checked by the readiness probe, then the
+// bulk loop over TLS; and, when HAProxy is installed, haproxy-16k
+// terminating TLS in front of the plain bulk edge.
+func TestTLSBulk(t *testing.T) {
+	dir := t.TempDir()
+	f, err := genCert(dir, "p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bulkEdge, err := startEdge(true, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bulkEdge.close()
+	ctx := context.Background()
+	ts := &tlsServe{files: f, want: "ECDSA P-256", client: clientTLS("x25519")}
+	run := func(tg *target, bin *binaries) {
+		t.Helper()
+		p, err := tg.start(ctx, dir, 1, bin, bulkEdge, ts)
+		if err != nil {
+			t.Fatalf("%s: %v", tg.name, err)
+		}
+		defer p.stop()
+		if p.addr == bulkEdge.addr() || !strings.Contains(ts.negotiated(), "ECDSA P-256 leaf") {
+			t.Errorf("%s: address %s (the plain edge is %s), negotiated %q", tg.name, p.addr, bulkEdge.addr(), ts.negotiated())
+		}
+		// A plain hello gets no bulk stream from a TLS listener.
+		if err := bulkEdge.probe(ctx, dialTCP, p.addr); err == nil {
+			t.Errorf("%s: a plain hello to the TLS listener got the bulk stream", tg.name)
+		}
+		res := runBulk(ctx, ts.dial, p.addr, 2, 50*time.Millisecond, 200*time.Millisecond)
+		if res.Streams != 2 || res.Errors > 0 || res.MBps <= 0 || res.Total <= 0 {
+			t.Errorf("%s: TLS bulk: %d streams, %d errors (%s), %.1f MB/s, %d bytes", tg.name, res.Streams, res.Errors, res.FirstErr, res.MBps, res.Total)
+		}
+	}
+	run(&target{name: "direct", kind: kindDirect}, &binaries{})
+	// The probe sees a bulk edge's stream, not an echo, and checks the key type.
+	if _, err := (&target{name: "direct", kind: kindDirect}).start(ctx, dir, 2, &binaries{}, bulkEdge,
+		&tlsServe{files: f, want: "RSA-2048", client: clientTLS("x25519")}); err == nil || !strings.Contains(err.Error(), "want RSA-2048") {
+		t.Errorf("direct TLS bulk edge wanting RSA-2048: %v, want a key type error", err)
+	}
+	haproxy := "/usr/sbin/haproxy"
+	if _, err := os.Stat(haproxy); err != nil {
+		if os.Getenv("WAPROXY_INTEROP") == "1" {
+			t.Fatalf("%s not found (WAPROXY_INTEROP=1): apt-get install haproxy", haproxy)
+		}
+		t.Skipf("%s not found: apt-get install haproxy", haproxy)
+	}
+	run(&target{name: "haproxy-16k", kind: kindHAProxy, bufsize: 16384}, &binaries{haproxy: haproxy})
 }
 
 func TestCaddyTLSConfig(t *testing.T) {
@@ -531,11 +584,61 @@ func TestSteps(t *testing.T) {
 	if got := steps("-scaling=false"); !slices.Equal(got, want) {
 		t.Errorf("steps, -scaling=false:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
-	if got := certsNeeded([]string{"p256", "default"}, "p256", true); !slices.Equal(got, []string{"p256", "rsa4096"}) {
+	if got := certsNeeded([]string{"p256", "default", "p256"}, true); !slices.Equal(got, []string{"p256", "rsa4096"}) {
 		t.Errorf("certsNeeded = %v, want [p256 rsa4096]", got)
 	}
-	if got := certsNeeded([]string{"default"}, "rsa2048", false); !slices.Equal(got, []string{"rsa2048"}) {
+	if got := certsNeeded([]string{"default", "rsa2048"}, false); !slices.Equal(got, []string{"rsa2048"}) {
 		t.Errorf("certsNeeded without HAProxy = %v, want [rsa2048]", got)
+	}
+	// The tlsbulk figure alone needs its P-256 certificate only.
+	cfg, err := parseFlags([]string{"-figures", "tlsbulk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bench{cfg: cfg}
+	if got := certsNeeded(b.tlsRows(), true); !b.hasTLS() || !slices.Equal(got, []string{"p256"}) {
+		t.Errorf("-figures tlsbulk: TLS %v, certificates %v; want true, [p256]", b.hasTLS(), got)
+	}
+}
+
+// The tlsbulk figure: one run per target that terminates TLS, in round
+// order, after the figures before it; waproxy-socks5 and microsocks none.
+func TestTLSBulkSteps(t *testing.T) {
+	direct := &target{name: "direct", kind: kindDirect}
+	ha := &target{name: baseline, kind: kindHAProxy}
+	wa := &target{name: "waproxy", kind: kindCaddy}
+	via := &target{name: viaSOCKS, kind: kindCaddy, socks: true}
+	ms := &target{name: socksOnly, kind: kindSOCKS}
+	cfg, err := parseFlags([]string{"-figures", "bulk,tlsbulk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, s := range (&bench{cfg: cfg}).steps([]*target{wa, direct, ha, via, ms}) {
+		got = append(got, s.fig+" "+s.t.name)
+	}
+	want := []string{"bulk waproxy", "bulk direct", "bulk haproxy-official", "bulk waproxy-socks5", "bulk microsocks",
+		"tlsbulk waproxy", "tlsbulk direct", "tlsbulk haproxy-official"}
+	if !slices.Equal(got, want) {
+		t.Errorf("steps:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	// The rows: in the TLS table, the CPU row without direct.
+	ms2 := (&bench{cfg: cfg}).metrics()
+	var tlsbulk, cpu metric
+	for _, m := range ms2 {
+		switch m.key {
+		case "tlsbulk":
+			tlsbulk = m
+		case "tlsbulk-cpu":
+			cpu = m
+		}
+	}
+	if !tlsbulk.tls || !tlsbulk.vsDirect || tlsbulk.label != "TLS MB/s, 16 streams, edge→client, same ECDSA P-256 certificate" ||
+		!cpu.tls || !strings.Contains(cpu.label, "P-256") {
+		t.Errorf("tlsbulk rows: %+v, %+v", tlsbulk, cpu)
+	}
+	if !tlsbulk.appliesTo(direct) || cpu.appliesTo(direct) || !cpu.appliesTo(wa) || tlsbulk.appliesTo(via) || tlsbulk.appliesTo(ms) {
+		t.Error("tlsbulk rows apply to: direct (MB/s only), waproxy; not waproxy-socks5 or microsocks")
 	}
 }
 
@@ -545,7 +648,13 @@ func TestTablesSplitPlainAndTLS(t *testing.T) {
 		{key: "chat", label: "chat conn/s", format: formatCount},
 		{key: "tls:p256", label: "TLS conn/s", tls: true, format: formatCount},
 		{key: "tls-idle-heap", label: "Go live heap", tls: true, goOnly: true, format: formatCount},
+		{key: "tlsbulk", label: "TLS MB/s", tls: true, tlsBulk: true, row: "p256", vsDirect: true, format: formatCount},
+		{key: "tlsbulk-cpu", label: "TLS CPU per GB", tls: true, tlsBulk: true, row: "p256", proxyOnly: true, format: formatCount},
 	}, 1, nil)
+	r.set("tlsbulk", baseline, 0, 400)
+	r.set("tlsbulk", "waproxy", 0, 600)
+	r.set("tlsbulk-cpu", baseline, 0, 900)
+	r.set("tlsbulk-cpu", "waproxy", 0, 450)
 	r.set("chat", baseline, 0, 100)
 	r.set("chat", "waproxy", 0, 50)
 	r.set("tls:p256", baseline, 0, 10)
@@ -556,13 +665,16 @@ func TestTablesSplitPlainAndTLS(t *testing.T) {
 	tables := strings.Split(strings.TrimSpace(out.String()), "\n\n")
 	if len(tables) != 2 || !strings.Contains(tables[0], "| chat conn/s | 100 | 50 | 0.50× |") ||
 		strings.Contains(tables[0], "TLS") || !strings.Contains(tables[1], "| TLS conn/s | 10 | 20 | 2.00× |") ||
-		!strings.Contains(tables[1], "| Go live heap | – | 28,000 | – |") {
+		!strings.Contains(tables[1], "| Go live heap | – | 28,000 | – |") ||
+		!strings.Contains(tables[1], "| TLS MB/s | 400 | 600 | 1.50× |") || !strings.Contains(tables[1], "| TLS CPU per GB | 900 | 450 | 0.50× |") ||
+		strings.Contains(tables[0], "MB/s") {
 		t.Errorf("tables:\n%s", out.String())
 	}
 	out.Reset()
 	r.writeRatios(&out)
-	if strings.Contains(out.String(), "Go live heap") {
-		t.Errorf("ratios list a Go-only row:\n%s", out.String())
+	if strings.Contains(out.String(), "Go live heap") || !strings.Contains(out.String(), "| TLS MB/s | 1.50× |") ||
+		!strings.Contains(out.String(), "| TLS CPU per GB | 0.50× |") {
+		t.Errorf("ratios:\n%s", out.String())
 	}
 }
 
@@ -872,5 +984,53 @@ func TestDocumentSections(t *testing.T) {
 	b.writeDocument(&out)
 	if !strings.Contains(out.String(), "one process, read as it fills") || !strings.Contains(out.String(), "memory is read again once stable at 1,000, 5,000, 9,000 held") {
 		t.Errorf("-scaling=false report does not say memory was read in one process")
+	}
+}
+
+// The report of a tlsbulk-only run: the TLS table with both rows and a
+// ratio against the baseline, the same-round ratios, the certificate and
+// the method's line for it, and none of the tls figure's.
+func TestDocumentTLSBulk(t *testing.T) {
+	cfg, err := parseFlags([]string{"-figures", "tlsbulk", "-targets", "direct,haproxy-official,haproxy-16k,waproxy,waproxy-socks5"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bench{cfg: cfg, certs: map[string]*certFiles{"p256": {kind: "p256"}}}
+	var ts []*target
+	for _, tg := range allTargets() {
+		if slices.Contains(cfg.targets, tg.name) {
+			ts = append(ts, tg)
+		}
+	}
+	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
+	for round := range cfg.rounds {
+		for name, v := range map[string]float64{"direct": 2000, baseline: 500, "haproxy-16k": 600, "waproxy": 900} {
+			b.res.set("tlsbulk", name, round, v)
+			if name != "direct" {
+				b.res.set("tlsbulk-cpu", name, round, v)
+			}
+		}
+	}
+	var out bytes.Buffer
+	b.writeDocument(&out)
+	doc := out.String()
+	label := "TLS MB/s, 16 streams, edge→client, same ECDSA P-256 certificate"
+	for _, want := range []string{
+		"| " + label + " | 2,000 | 500 | 600 | 900 | – | 1.80× | 0.45× |",
+		"| proxy CPU per GB relayed over TLS, ms, same ECDSA P-256 certificate | – | 500 | 600 | 900 | – | 1.80× | – |",
+		"| " + label + " | 4.00× | 1.20× | 1.80× | – |",
+		"## TLS certificates", "generated at the start of the run: ECDSA P-256.",
+		"**TLS MB/s**: as plain MB/s (16 connections", "waproxy-socks5 is left out",
+		"**TLS targets**", "**TLS client**",
+	} {
+		if !strings.Contains(doc, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	for _, unwanted := range []string{"**TLS conn/s**", "**Bytes per idle TLS connection**", "**Plain MB/s**", "each one's default: HAProxy serves",
+		"## The SOCKS5 exit hop"} {
+		if strings.Contains(doc, unwanted) {
+			t.Errorf("a tlsbulk-only report has %q", unwanted)
+		}
 	}
 }

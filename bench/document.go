@@ -114,7 +114,7 @@ func (b *bench) writeDocument(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\n## Every target against %s (same-round ratios, median)\n\n", baseline)
 	b.res.writeRatios(w)
-	if b.res.hasTarget(viaSOCKS) || b.res.hasTarget(socksOnly) {
+	if b.res.hasExitHop() {
 		fmt.Fprintf(w, "\n## The SOCKS5 exit hop (medians; same-round ratios, median)\n\n")
 		fmt.Fprintf(w, "%s is waproxy with its SOCKS5 dialer to a local microsocks (client → waproxy → microsocks → edge; "+
 			"its memory and CPU figures are the Caddy process's alone); %s is that exit hop alone (client → microsocks → edge: "+
@@ -132,7 +132,7 @@ func (b *bench) writeDocument(w io.Writer) {
 			"costs: (figure(b)·b − figure(a)·a) / (b − a), from the same round. Linear growth shows as marginal costs equal to the figures; "+
 			"a fixed cost as figures that fall with the count.\n")
 	}
-	if b.has("tls") {
+	if b.hasTLS() {
 		fmt.Fprintf(w, "\n## TLS certificates\n\n")
 		var kinds []string
 		for k := range b.certs {
@@ -141,7 +141,7 @@ func (b *bench) writeDocument(w io.Writer) {
 		slices.Sort(kinds)
 		fmt.Fprintf(w, "- generated at the start of the run: %s. For each, a CA and a leaf of that key type, the leaf signed by the CA, `CN=<random>.net` with the SAN `%s`, as the official proxy's generate-certs.sh makes them; HAProxy loads key + leaf from one PEM (no CA, as the official proxy's), Caddy the same leaf and key with `load_files`, the direct TLS edge with Go's crypto/tls.\n",
 			strings.Join(kinds, ", "), tlsServerName)
-		if slices.Contains(b.cfg.tlsCerts, "default") || b.cfg.tlsIdleCert == "default" {
+		if slices.Contains(b.tlsRows(), "default") {
 			fmt.Fprintf(w, "- each one's default: HAProxy serves the RSA-4096 certificate above (the official proxy's generate-certs.sh makes RSA-4096 at start); the Caddy targets get theirs from Caddy's internal CA (`tls.automation` with the `internal` issuer for `%s`, as examples/tls.Caddyfile), issued by certmagic at start: an ECDSA P-256 leaf and its intermediate.\n", tlsServerName)
 		}
 	}
@@ -195,17 +195,24 @@ func (b *bench) writeMethod(w io.Writer) {
 	if b.has("bulk") {
 		lines = append(lines, fmt.Sprintf("**Plain MB/s**: %d connections, each sends the hello, then the edge writes 64 KiB chunks as fast as it can; the client reads with 64 KiB buffers. %s of warm-up, then the bytes arriving at the client in %s are counted (1 MB = 10^6 bytes). Proxy CPU per GB is the proxy process's CPU time over the whole run, warm-up included, divided by all bytes that arrived.", cfg.streams, warm, cfg.duration))
 	}
-	if b.has("tls") {
+	if b.hasTLS() {
 		groups := "X25519 only, so that every target does the same key exchange (HAProxy 2.6 on OpenSSL 3.0 has no post-quantum group; Go servers would pick X25519MLKEM768)"
 		if cfg.tlsGroups == "default" {
 			groups = "Go's default list (X25519MLKEM768 first), so each server picks what it prefers"
 		}
 		lines = append(lines,
-			"**TLS targets**: every proxy terminates TLS and sends the decrypted chat stream to the echo edge. **haproxy-official** / **haproxy-16k**: the same configs as above with `bind <addr> ssl crt <pem>` (the official proxy's port 443); **caddy-l4**: caddy-l4's `tls` matcher, `tls` handler and `proxy`; **waproxy**: the routes of examples/tls.Caddyfile (wa_silent; wa_tls or wa_xmpp into a subroute: media passthrough by server name, Caddy's `tls` handler for any other TLS, `wa_xmpp` → `wa_proxy` on the decrypted stream, a catch-all) with the edge as the destination; **waproxy-socks5**: the same, every `wa_proxy` through microsocks, in the ECDSA P-256 row only (the hop's cost does not depend on the certificate, and its idle TLS connections would repeat waproxy's: the hop is behind the TLS termination); microsocks terminates no TLS and has no TLS figure; the Caddy targets with `default_sni`/`fallback_sni` "+tlsServerName+"; **direct**: a TLS echo server in the bench process (Go's crypto/tls) with the same certificate.",
-			fmt.Sprintf("**TLS client**: as WhatsApp's on port 443, no server name (it connects to an IP address) and no certificate check; no session cache, so every connection is a full handshake (no resumption). Key exchange groups offered: %s. Each run's readiness probe checks that the target presents the certificate type of its row and records the version, cipher suite and group it negotiated (per-run details below).", groups),
+			"**TLS targets**: every proxy terminates TLS and sends the decrypted chat stream to the echo edge (for TLS MB/s: takes the bulk edge's plain stream and sends it encrypted). **haproxy-official** / **haproxy-16k**: the same configs as above with `bind <addr> ssl crt <pem>` (the official proxy's port 443); **caddy-l4**: caddy-l4's `tls` matcher, `tls` handler and `proxy`; **waproxy**: the routes of examples/tls.Caddyfile (wa_silent; wa_tls or wa_xmpp into a subroute: media passthrough by server name, Caddy's `tls` handler for any other TLS, `wa_xmpp` → `wa_proxy` on the decrypted stream, a catch-all) with the edge as the destination; **waproxy-socks5**: the same, every `wa_proxy` through microsocks, in the ECDSA P-256 row only (the hop's cost does not depend on the certificate, and its idle TLS connections would repeat waproxy's: the hop is behind the TLS termination); microsocks terminates no TLS and has no TLS figure; the Caddy targets with `default_sni`/`fallback_sni` "+tlsServerName+"; **direct**: a TLS server in the bench process (Go's crypto/tls) with the same certificate, an echo (for TLS MB/s: the bulk stream).",
+			fmt.Sprintf("**TLS client**: as WhatsApp's on port 443, no server name (it connects to an IP address) and no certificate check; no session cache, so every connection is a full handshake (no resumption). Key exchange groups offered: %s. Each run's readiness probe checks that the target presents the certificate type of its row and records the version, cipher suite and group it negotiated (per-run details below).", groups))
+	}
+	if b.has("tls") {
+		lines = append(lines,
 			fmt.Sprintf("**TLS conn/s**: %d workers, each in a loop: connect, full handshake, send the hello and one 100-byte frame in one write, read the full echo, close; %s of warm-up, then %s measured, on a fresh process per certificate row. Proxy CPU per TLS connection as for chat. Rows with the same certificate for every target are the fair comparison; the default row compares what each ships with.", cfg.tlsWorkers, warm, cfg.duration),
 			fmt.Sprintf("**Bytes per idle TLS connection**: on a fresh process (%s), 32 warm-up TLS connections made and closed, RSS read once stable (as for the chat figure); then %s TLS connections opened (32 handshakes at a time), each with its hello sent and echoed through the proxy and then left idle (the proxy waits to read from the client's TLS connection and from the upstream socket); RSS read again once stable; (after − before) / held. For the Caddy targets, right after each of the two RSS readings a garbage collection is forced (`/debug/pprof/heap?gc=1` on the admin endpoint) and Go's own figures are read (StackInuse and HeapAlloc from /debug/vars, the goroutine count from /debug/pprof/goroutine): their differences per connection are the Go stacks, live heap and goroutines rows. RSS is not their sum: heap garbage not yet collected counts in RSS (how much depends on where the collector's cycle stands when RSS is read), and the pages of a buffer that were never written are not resident. At the end a frame is sent on every held connection and its echo checked.",
 				tlsRowLabel(cfg.tlsIdleCert), formatCount(float64(cfg.tlsIdleConns))))
+	}
+	if b.has("tlsbulk") {
+		lines = append(lines, fmt.Sprintf("**TLS MB/s**: as plain MB/s (%d connections, the bulk edge writing 64 KiB chunks, the client reading with 64 KiB buffers, %s of warm-up, then %s measured, proxy CPU per GB over the whole run), but the client connects with TLS (a full handshake per stream, before the measured part) and the proxy terminates it: it reads the edge's plain stream and encrypts it towards the client, which decrypts it (with Go's crypto/tls, on the same CPUs). MB/s counts the decrypted bytes. Each server picks its own cipher suite from the client's offer (HAProxy on OpenSSL: TLS_AES_256_GCM_SHA384; Go: TLS_AES_128_GCM_SHA256 where the CPU has AES-NI; see the per-run details), as it would for WhatsApp's client. One certificate row, %s: the certificate only costs at the handshake. waproxy-socks5 is left out to keep the run short (its exit hop is on the plain side, so what it costs on a stream is the plain figure's), and microsocks terminates no TLS.",
+			cfg.streams, warm, cfg.duration, tlsRowLabel(tlsBulkRow)))
 	}
 	for _, l := range lines {
 		fmt.Fprintf(w, "- %s\n", l)

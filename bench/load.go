@@ -93,16 +93,23 @@ func (e *edge) serve() {
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
-			if e.bulk {
-				e.sendBulk(c)
-			} else {
-				echo(c)
-			}
+			e.handle(c)
 			c.Close()
 			e.mu.Lock()
 			delete(e.conns, c)
 			e.mu.Unlock()
 		}()
+	}
+}
+
+// handle serves one connection the way this edge does: echo, or the hello
+// then a bulk stream. The direct TLS target serves its TLS connections with
+// it too.
+func (e *edge) handle(c net.Conn) {
+	if e.bulk {
+		e.sendBulk(c)
+	} else {
+		echo(c)
 	}
 }
 

@@ -9,7 +9,7 @@
 // the proxy (HAProxy `bind ... ssl crt`, as the official port 443), and
 // writes a markdown report.
 //
-//	go run ./bench -caddy ./caddy                 # the full comparison, about 13 minutes on 2 cores
+//	go run ./bench -caddy ./caddy                 # the full comparison, about 14 minutes on 2 cores
 //	go run ./bench -caddy ./caddy -quick          # under a minute: a smoke test of the harness
 //	go run ./bench -caddy ./caddy -figures tls    # the TLS figures only
 //
@@ -51,7 +51,7 @@ type config struct {
 	quick, keep         bool
 	args                []string
 
-	// the tls figure
+	// the tls figure (and, for the client, the tlsbulk figure)
 	tlsCerts     []string // rows: rsa2048, rsa4096, p256, default
 	tlsIdleCert  string   // the row the idle TLS figure uses
 	tlsIdleConns int
@@ -136,12 +136,12 @@ func parseFlags(args []string) (*config, error) {
 	fs.DurationVar(&cfg.stableMax, "stable-wait", 20*time.Second, "longest wait for a proxy's RSS to settle")
 	fs.DurationVar(&cfg.maxTime, "max-time", 14*time.Minute, "time budget; no new run starts after it")
 	targets := fs.String("targets", "direct,haproxy-official,haproxy-16k,caddy-l4,waproxy,waproxy-socks5,microsocks", "targets to run, in round order")
-	figures := fs.String("figures", "chat,idle,bulk,tls", "figures to measure: chat (conn/s, latency), idle (bytes per connection), bulk (MB/s), tls (TLS conn/s and bytes per idle TLS connection)")
+	figures := fs.String("figures", strings.Join(figureNames, ","), "figures to measure: chat (conn/s, latency), idle (bytes per connection), bulk (MB/s), tls (TLS conn/s and bytes per idle TLS connection), tlsbulk (TLS MB/s, P-256 certificate)")
 	tlsCerts := fs.String("tls-certs", "rsa2048,p256,default", "tls figure: certificate rows for TLS conn/s (rsa2048, rsa4096, p256: every target serves the same; default: each target's own)")
 	fs.StringVar(&cfg.tlsIdleCert, "tls-idle-cert", "p256", "tls figure: the certificate row of the idle TLS figure")
 	fs.IntVar(&cfg.tlsIdleConns, "tls-idle-conns", 3000, "tls figure: TLS connections held for the idle TLS figure")
 	fs.IntVar(&cfg.tlsWorkers, "tls-workers", 8, "tls figure: concurrent TLS workers (a handshake is CPU-bound)")
-	fs.StringVar(&cfg.tlsGroups, "tls-groups", "x25519", "tls figure: key exchange groups the client offers (x25519, or default: Go's list, with X25519MLKEM768)")
+	fs.StringVar(&cfg.tlsGroups, "tls-groups", "x25519", "tls and tlsbulk figures: key exchange groups the client offers (x25519, or default: Go's list, with X25519MLKEM768)")
 	fs.BoolVar(&cfg.quick, "quick", false, "smoke test: 1 round, 1s runs, 500 idle connections, 300 idle TLS connections, P-256 row only (explicit flags win)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the temporary directory with the configs and logs")
 	if err := fs.Parse(args); err != nil {
@@ -185,8 +185,8 @@ func parseFlags(args []string) (*config, error) {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
 		}
-		if !slices.Contains([]string{"chat", "idle", "bulk", "tls"}, s) {
-			return nil, fmt.Errorf("unknown figure %q in -figures (chat, idle, bulk, tls)", s)
+		if !slices.Contains(figureNames, s) {
+			return nil, fmt.Errorf("unknown figure %q in -figures (%s)", s, strings.Join(figureNames, ", "))
 		}
 		if !slices.Contains(cfg.figures, s) {
 			cfg.figures = append(cfg.figures, s)
@@ -237,6 +237,10 @@ func parseFlags(args []string) (*config, error) {
 	}
 	return cfg, nil
 }
+
+// figureNames are the figures -figures accepts, all measured by default, in
+// this order unless -figures gives another.
+var figureNames = []string{"chat", "idle", "bulk", "tls", "tlsbulk"}
 
 // raiseNoFile raises the soft descriptor limit to the hard one. Calling
 // Setrlimit ourselves also makes the children inherit it (Go otherwise
@@ -298,17 +302,17 @@ func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	slices.SortStableFunc(ts, func(a, c *target) int {
 		return slices.Index(cfg.targets, a.name) - slices.Index(cfg.targets, c.name)
 	})
-	resolveTargets(ctx, ts, b.bin, b.has("tls"))
+	resolveTargets(ctx, ts, b.bin, b.hasTLS())
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	var err error
 	if b.dir, err = os.MkdirTemp("", "waproxy-bench-"); err != nil {
 		return nil, err
 	}
-	if b.has("tls") {
+	if b.hasTLS() {
 		b.tlsClient = clientTLS(cfg.tlsGroups)
 		b.certs = map[string]*certFiles{}
 		haproxy := slices.ContainsFunc(ts, func(t *target) bool { return t.kind == kindHAProxy && t.notRun == "" })
-		for _, kind := range certsNeeded(cfg.tlsCerts, cfg.tlsIdleCert, haproxy) {
+		for _, kind := range certsNeeded(b.tlsRows(), haproxy) {
 			t0 := time.Now()
 			if b.certs[kind], err = genCert(b.dir, kind); err != nil {
 				b.close()
@@ -344,6 +348,21 @@ func (b *bench) close() {
 
 // has reports whether figure f was asked for.
 func (b *bench) has(f string) bool { return slices.Contains(b.cfg.figures, f) }
+
+// hasTLS reports whether a figure over TLS was asked for.
+func (b *bench) hasTLS() bool { return b.has("tls") || b.has("tlsbulk") }
+
+// tlsRows are the certificate rows the TLS figures asked for use.
+func (b *bench) tlsRows() []string {
+	var rows []string
+	if b.has("tls") {
+		rows = append(slices.Clone(b.cfg.tlsCerts), b.cfg.tlsIdleCert)
+	}
+	if b.has("tlsbulk") {
+		rows = append(rows, tlsBulkRow)
+	}
+	return rows
+}
 
 // metrics are the report's rows for the figures asked for.
 func (b *bench) metrics() []metric {
@@ -385,6 +404,14 @@ func (b *bench) metrics() []metric {
 			metric{key: "tls-idle-stack", tls: true, row: r, tlsIdle: true, label: "Go stacks per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
 			metric{key: "tls-idle-heap", tls: true, row: r, tlsIdle: true, label: "Go live heap per idle TLS connection, bytes (after a GC)", goOnly: true, format: formatCount},
 			metric{key: "tls-idle-goroutines", tls: true, row: r, tlsIdle: true, label: "goroutines per idle TLS connection", goOnly: true, format: formatFrac})
+	}
+	if b.has("tlsbulk") {
+		ms = append(ms,
+			metric{key: "tlsbulk", tls: true, row: tlsBulkRow, tlsBulk: true,
+				label:    fmt.Sprintf("TLS MB/s, %d streams, edge→client, %s", b.cfg.streams, tlsRowLabel(tlsBulkRow)),
+				vsDirect: true, format: formatCount},
+			metric{key: "tlsbulk-cpu", tls: true, row: tlsBulkRow, tlsBulk: true,
+				label: "proxy CPU per GB relayed over TLS, ms, " + tlsRowLabel(tlsBulkRow), proxyOnly: true, format: formatCount})
 	}
 	return ms
 }
@@ -443,6 +470,8 @@ func (b *bench) runAll(ctx context.Context) {
 				b.runTLS(ctx, round, s.t, s.row)
 			case "tls-idle":
 				b.runTLSIdle(ctx, round, s.t)
+			case "tlsbulk":
+				b.runTLSBulk(ctx, round, s.t)
 			}
 		}
 		b.roundsDone++
@@ -452,7 +481,7 @@ func (b *bench) runAll(ctx context.Context) {
 // step is one run of a round: a figure for a target (and for the tls
 // figure, a certificate row).
 type step struct {
-	fig  string // chat, idle, bulk, tls, tls-idle
+	fig  string // chat, idle, bulk, tls, tls-idle, tlsbulk
 	t    *target
 	row  string
 	held int // idle: connections to hold (0: -idle-conns, memory read at every checkpoint)
@@ -463,7 +492,7 @@ type step struct {
 // whose ratios are taken follow one another; then the idle TLS runs. With
 // -scaling the idle figure is one step per connection count, the smallest
 // first. Targets without a value for a figure (direct for idle ones; see
-// tlsRuns for the tls figure) have no step.
+// tlsRuns for the tls figure and tlsBulkRuns for tlsbulk) have no step.
 func (b *bench) steps(order []*target) []step {
 	var out []step
 	for _, fig := range b.cfg.figures {
@@ -479,6 +508,12 @@ func (b *bench) steps(order []*target) []step {
 			for _, t := range order {
 				if t.tlsRuns(b.cfg.tlsIdleCert, true) {
 					out = append(out, step{fig: "tls-idle", t: t, row: b.cfg.tlsIdleCert})
+				}
+			}
+		case "tlsbulk":
+			for _, t := range order {
+				if t.tlsBulkRuns() {
+					out = append(out, step{fig: fig, t: t})
 				}
 			}
 		case "idle":

@@ -20,6 +20,7 @@ type metric struct {
 	tls       bool   // a row of the tls figure (its own table)
 	row       string // tls: the certificate row
 	tlsIdle   bool   // tls: a figure of the idle TLS run
+	tlsBulk   bool   // tls: a row of the tlsbulk figure (TLS MB/s); its runs are tlsBulkRuns'
 	vsDirect  bool   // the ratio against direct means something
 	format    func(float64) string
 }
@@ -171,12 +172,14 @@ func formatMS(x float64) string {
 }
 
 // appliesTo reports whether target t has a value for m: direct has no
-// proxy process, only Caddy has Go's figures, and the tls figure's runs are
-// those of target.tlsRuns.
+// proxy process, only Caddy has Go's figures, and the TLS figures' runs are
+// those of target.tlsRuns and target.tlsBulkRuns.
 func (m metric) appliesTo(t *target) bool {
 	switch {
 	case m.proxyOnly && t.kind == kindDirect, m.goOnly && t.kind != kindCaddy:
 		return false
+	case m.tlsBulk:
+		return t.tlsBulkRuns()
 	case m.tls:
 		return t.tlsRuns(m.row, m.tlsIdle)
 	}
@@ -364,11 +367,25 @@ const (
 	socksOnly = "microsocks"
 )
 
+// hasExitHop reports whether the exit hop table has a row: waproxy-socks5
+// or microsocks is in the run, and a figure measured for either (the
+// tlsbulk figure alone runs neither).
+func (r *results) hasExitHop() bool {
+	for _, m := range r.metrics {
+		for _, name := range []string{viaSOCKS, socksOnly} {
+			if t := r.target(name); t != nil && m.appliesTo(t) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // writeExitHop writes the cost of the SOCKS5 exit hop: waproxy direct and
 // through microsocks, microsocks alone, and same-round ratios between them.
-// It writes nothing without waproxy-socks5 or microsocks in the run.
+// It writes nothing when hasExitHop is false.
 func (r *results) writeExitHop(w io.Writer) {
-	if !r.hasTarget(viaSOCKS) && !r.hasTarget(socksOnly) {
+	if !r.hasExitHop() {
 		return
 	}
 	var ts []*target

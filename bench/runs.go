@@ -303,33 +303,65 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 	b.note(round, t, spec.fig, "%s", strings.Join(details, "; "))
 }
 
-// runBulk measures edge→client throughput on a fresh instance of t.
+// bulkSpec says what a bulk run measures and where its numbers go.
+type bulkSpec struct {
+	fig       string    // for the report: "bulk", "tlsbulk"
+	ts        *tlsServe // nil: plain streams; else over TLS, terminated by the proxy
+	mbps, cpu string    // metric keys
+}
+
+// runBulk measures plain edge→client throughput on a fresh instance of t.
 func (b *bench) runBulk(ctx context.Context, round int, t *target) {
-	p, err := b.start(ctx, t, b.bulk, nil)
+	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "bulk", mbps: "bulk", cpu: "bulk-cpu"})
+}
+
+// runTLSBulk measures edge→client throughput over TLS on a fresh instance
+// of t terminating TLS with the tlsbulk row's certificate: the client reads
+// TLS, the proxy encrypts what the bulk edge sends it in plain.
+func (b *bench) runTLSBulk(ctx context.Context, round int, t *target) {
+	ts := b.serve(tlsBulkRow, t)
+	if ts == nil {
+		return
+	}
+	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "tlsbulk", ts: ts, mbps: "tlsbulk", cpu: "tlsbulk-cpu"})
+}
+
+// runBulkSpec measures edge→client throughput (the bulk edge through a
+// freshly started instance of t, streams at a time) and the proxy's CPU
+// time per GB relayed.
+func (b *bench) runBulkSpec(ctx context.Context, round int, t *target, spec bulkSpec) {
+	p, err := b.start(ctx, t, b.bulk, spec.ts)
 	if err != nil {
-		b.fail(round, t, "bulk", err)
+		b.fail(round, t, spec.fig, err)
 		return
 	}
 	defer p.stop()
+	dial := p.connector()
+	if spec.ts != nil {
+		dial = spec.ts.dial
+	}
 	cpuUsed := cpuSince(p)
-	res := runBulk(ctx, p.connector(), p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
+	res := runBulk(ctx, dial, p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
 	switch {
 	case !p.alive():
-		b.fail(round, t, "bulk", fmt.Errorf("process died during the run%s", p.logTail(5)))
+		b.fail(round, t, spec.fig, fmt.Errorf("process died during the run%s", p.logTail(5)))
 		return
 	case res.Streams < b.cfg.streams:
-		b.fail(round, t, "bulk", fmt.Errorf("%d of %d streams opened: %s", res.Streams, b.cfg.streams, res.FirstErr))
+		b.fail(round, t, spec.fig, fmt.Errorf("%d of %d streams opened: %s", res.Streams, b.cfg.streams, res.FirstErr))
 		return
 	case res.MBps <= 0:
-		b.fail(round, t, "bulk", errors.New("no bytes arrived"))
+		b.fail(round, t, spec.fig, errors.New("no bytes arrived"))
 		return
 	}
-	b.res.set("bulk", t.name, round, res.MBps)
+	b.res.set(spec.mbps, t.name, round, res.MBps)
 	msg := fmt.Sprintf("%s MB/s", formatCount(res.MBps))
 	if cpuOK && res.Total > 0 {
-		b.res.set("bulk-cpu", t.name, round, float64(cpu.Milliseconds())/(float64(res.Total)/1e9))
+		b.res.set(spec.cpu, t.name, round, float64(cpu.Milliseconds())/(float64(res.Total)/1e9))
 		msg += fmt.Sprintf(", proxy CPU %s for %s MB", cpu, formatCount(float64(res.Total)/1e6))
 	}
-	b.note(round, t, "bulk", "%s", msg)
+	if spec.ts != nil {
+		msg += "; " + spec.ts.negotiated()
+	}
+	b.note(round, t, spec.fig, "%s", msg)
 }

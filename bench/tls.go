@@ -51,6 +51,11 @@ var certKinds = map[string]string{
 // serves, or "default", each target's own default certificate.
 var tlsRowNames = []string{"rsa2048", "rsa4096", "p256", "default"}
 
+// tlsBulkRow is the certificate row of the tlsbulk figure (TLS MB/s): the
+// certificate only costs at the handshake, so one row is enough, and P-256
+// is what the Caddy targets serve by default.
+const tlsBulkRow = "p256"
+
 // tlsRowLabel describes a row of the tls figure for the table.
 func tlsRowLabel(row string) string {
 	if row == "default" {
@@ -188,8 +193,9 @@ func (b *bench) serve(row string, t *target) *tlsServe {
 	return ts
 }
 
-// certsNeeded returns the certificate kinds the rows and the idle row need.
-func certsNeeded(rows []string, idleRow string, withDefault bool) []string {
+// certsNeeded returns the certificate kinds the rows need (withDefault: the
+// default row's, when HAProxy is in the run).
+func certsNeeded(rows []string, withDefault bool) []string {
 	var kinds []string
 	add := func(k string) {
 		for _, have := range kinds {
@@ -199,7 +205,7 @@ func certsNeeded(rows []string, idleRow string, withDefault bool) []string {
 		}
 		kinds = append(kinds, k)
 	}
-	for _, r := range append(append([]string(nil), rows...), idleRow) {
+	for _, r := range rows {
 		if r == "default" {
 			if withDefault {
 				add("rsa4096") // HAProxy's default: the official proxy's certificate
@@ -253,30 +259,36 @@ func (ts *tlsServe) dial(ctx context.Context, d *net.Dialer, addr string) (net.C
 	return c, nil
 }
 
-// probe is the readiness check of a TLS target: one chat exchange over TLS.
-// It also checks that the target presents the certificate type the row is
-// about, and records what was negotiated.
-func (ts *tlsServe) probe(ctx context.Context, addr string) error {
-	hello := make([]byte, helloLen)
-	putHello(hello, mrand.New(mrand.NewPCG(7, uint64(time.Now().UnixNano()))))
-	c, err := exchange(ctx, &net.Dialer{Timeout: time.Second}, ts.dial, addr, hello, make([]byte, helloLen))
+// probe is the readiness check of a TLS target: one exchange with edge e
+// over TLS, as edge.probe makes it (for an echo edge the hello comes back,
+// for a bulk edge the start of its stream arrives). Its connection also
+// checks that the target presents the certificate type the row is about,
+// and records what was negotiated.
+func (ts *tlsServe) probe(ctx context.Context, e *edge, addr string) error {
+	return e.probe(ctx, ts.dialChecked, addr)
+}
+
+// dialChecked is dial, then the certificate check of probe.
+func (ts *tlsServe) dialChecked(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error) {
+	c, err := ts.dial(ctx, d, addr)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer c.Close()
 	st := c.(*tls.Conn).ConnectionState()
 	if len(st.PeerCertificates) == 0 {
-		return errors.New("no certificate presented")
+		c.Close()
+		return nil, errors.New("no certificate presented")
 	}
 	got := keyType(st.PeerCertificates[0].PublicKey)
 	if ts.want != "" && got != ts.want {
-		return fmt.Errorf("certificate key %s, want %s", got, ts.want)
+		c.Close()
+		return nil, fmt.Errorf("certificate key %s, want %s", got, ts.want)
 	}
 	ts.mu.Lock()
 	ts.seen = fmt.Sprintf("%s, %s, %s, %s leaf, %d certificate(s) sent", tls.VersionName(st.Version),
 		tls.CipherSuiteName(st.CipherSuite), st.CurveID, got, len(st.PeerCertificates))
 	ts.mu.Unlock()
-	return nil
+	return c, nil
 }
 
 // negotiated is what the last successful probe saw.
@@ -297,8 +309,10 @@ func keyType(k any) string {
 	return fmt.Sprintf("%T", k)
 }
 
-// tlsEdge is the direct target of the tls figure: a TLS echo server in the
-// bench process (Go's crypto/tls) serving the row's certificate.
+// tlsEdge is the direct target of the TLS figures: a TLS server in the
+// bench process (Go's crypto/tls) serving the row's certificate, each
+// connection served as the edge it stands for serves its own (an echo, or
+// the bulk stream of the tlsbulk figure).
 type tlsEdge struct {
 	net.Listener
 	mu    sync.Mutex
@@ -306,7 +320,7 @@ type tlsEdge struct {
 	wg    sync.WaitGroup
 }
 
-func startTLSEdge(f *certFiles) (*tlsEdge, error) {
+func startTLSEdge(f *certFiles, handle func(net.Conn)) (*tlsEdge, error) {
 	if f == nil {
 		return nil, errors.New("no certificate for a direct TLS edge")
 	}
@@ -343,7 +357,7 @@ func startTLSEdge(f *certFiles) (*tlsEdge, error) {
 			e.wg.Add(1)
 			go func() {
 				defer e.wg.Done()
-				echo(c)
+				handle(c)
 				c.Close()
 				e.mu.Lock()
 				delete(e.conns, c)
