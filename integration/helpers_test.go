@@ -149,6 +149,16 @@ func waitMetric(t *testing.T, c *testutil.Caddy, series string, want float64) {
 // then echoes.
 func bannerServer(t *testing.T, banner string) string {
 	t.Helper()
+	return serveLoopback(t, func(c net.Conn) {
+		_, _ = io.WriteString(c, banner)
+		_, _ = io.Copy(c, c)
+	})
+}
+
+// serveLoopback runs handle for each connection to a new loopback listener,
+// closes the connection after it, and returns the listener's address.
+func serveLoopback(t *testing.T, handle func(net.Conn)) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -162,8 +172,7 @@ func bannerServer(t *testing.T, banner string) string {
 			}
 			go func() {
 				defer c.Close()
-				_, _ = io.WriteString(c, banner)
-				_, _ = io.Copy(c, c)
+				handle(c)
 			}()
 		}
 	}()

@@ -1018,30 +1018,6 @@ func closingServer(t *testing.T, reply string) string {
 	})
 }
 
-// serveLoopback runs handle for each connection to a new loopback listener,
-// closes the connection after it, and returns the listener's address.
-func serveLoopback(t *testing.T, handle func(net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 // TestHTTPExample: examples/http-proxy.Caddyfile, adapted and run on
 // loopback ports, sends HTTP proxy requests on its shared port to wa_http
 // (which refuses destinations outside WhatsApp's domains).

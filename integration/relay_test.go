@@ -16,27 +16,12 @@ import (
 // bytes as fast as the connection takes them, then closes.
 func pushServer(t *testing.T, payload []byte) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if _, err := io.ReadFull(c, make([]byte, 43)); err != nil {
-					return
-				}
-				_, _ = c.Write(payload)
-			}()
+	return serveLoopback(t, func(c net.Conn) {
+		if _, err := io.ReadFull(c, make([]byte, 43)); err != nil {
+			return
 		}
-	}()
-	return ln.Addr().String()
+		_, _ = c.Write(payload)
+	})
 }
 
 // TestBackpressure: the edge sends 16 MiB to a client that does not read at

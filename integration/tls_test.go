@@ -287,6 +287,22 @@ func (c *splitHelloConn) Write(p []byte) (int, error) {
 
 // tlsDial connects to addr and performs a TLS handshake with cfg,
 // splitting the ClientHello if split is set.
+// dialMedia opens media TLS (SNI mmg.whatsapp.net, verified against ca) to
+// listen, the ClientHello split across segments when split is set, and
+// fails the test unless the certificate is media's own: the proxy passed
+// the TLS through instead of terminating it.
+func dialMedia(t *testing.T, listen string, ca *testCA, media *tlsEchoServer, split bool) *tls.Conn {
+	t.Helper()
+	conn, err := tlsDial(t, listen, &tls.Config{ServerName: "mmg.whatsapp.net", RootCAs: ca.pool}, split)
+	if err != nil {
+		t.Fatalf("handshake for mmg.whatsapp.net: %v", err)
+	}
+	if !bytes.Equal(conn.ConnectionState().PeerCertificates[0].Raw, media.Cert.Certificate[0]) {
+		t.Fatal("media TLS was terminated; want the media server's own certificate")
+	}
+	return conn
+}
+
 func tlsDial(t *testing.T, addr string, cfg *tls.Config, split bool) (*tls.Conn, error) {
 	t.Helper()
 	raw := dial(t, addr)
@@ -597,13 +613,7 @@ func TestTLSTerminateSharedPort(t *testing.T) {
 	})
 
 	t.Run("media_sni_passed_through", func(t *testing.T) {
-		conn, err := tlsDial(t, listen, &tls.Config{ServerName: "mmg.whatsapp.net", RootCAs: ca.pool}, true)
-		if err != nil {
-			t.Fatalf("handshake for mmg.whatsapp.net: %v", err)
-		}
-		if !bytes.Equal(conn.ConnectionState().PeerCertificates[0].Raw, media.Cert.Certificate[0]) {
-			t.Fatal("the proxy terminated media TLS; want the media server's own certificate")
-		}
+		conn := dialMedia(t, listen, ca, media, true)
 		exchange(t, conn, []byte("media request"))
 	})
 
@@ -874,13 +884,7 @@ func TestTLSExample(t *testing.T) {
 		exchange(t, conn, cat(edPrologue(), waHello()))
 	})
 	t.Run("media_passthrough", func(t *testing.T) {
-		conn, err := tlsDial(t, listen, &tls.Config{ServerName: "mmg.whatsapp.net", RootCAs: ca.pool}, true)
-		if err != nil {
-			t.Fatalf("handshake for mmg.whatsapp.net: %v", err)
-		}
-		if !bytes.Equal(conn.ConnectionState().PeerCertificates[0].Raw, media.Cert.Certificate[0]) {
-			t.Fatal("media TLS was terminated; want the media server's certificate")
-		}
+		conn := dialMedia(t, listen, ca, media, true)
 		exchange(t, conn, []byte("GET /v/t62 HTTP/1.1\r\nHost: mmg.whatsapp.net\r\n\r\n"))
 		live(t, "tls")
 	})

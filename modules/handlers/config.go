@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
@@ -51,6 +52,32 @@ func loadDialer(ctx caddy.Context, mod any, via *json.RawMessage) (upstreams.Dia
 		return nil, "", fmt.Errorf("module %T is not a dialer", loaded)
 	}
 	return dialer, string(loaded.(caddy.Module).CaddyModule().ID), nil
+}
+
+// finishProvision is how every proxying handler's Provision ends: it lists
+// the handler's dialer for GET /waproxy/upstreams (for as long as ctx
+// lives), loads the waproxy app, whose shutdown drain covers the handler's
+// connections even when the config does not mention it, and registers the
+// metrics. A handler provisioned by hand, as in a unit test, has no config
+// to load the app into.
+func finishProvision(ctx caddy.Context, handlerID, destination string, dialer upstreams.Dialer, dialerID string) error {
+	registry.AddDialer(ctx, registry.Dialer{Dialer: dialerID, Servers: dialerServers(dialer),
+		Handler: handlerID, Destination: destination, HealthFunc: upstreams.HealthView(dialer)})
+	if ctx.Module() != nil {
+		if _, err := ctx.App("waproxy"); err != nil {
+			return err
+		}
+	}
+	return metrics.Register(ctx.GetMetricsRegistry())
+}
+
+// dialerServers returns the servers a dialer goes through (socks5), for the
+// registry; never its credentials.
+func dialerServers(d upstreams.Dialer) []string {
+	if s, ok := d.(*upstreams.SOCKS5); ok {
+		return s.Servers
+	}
+	return nil
 }
 
 // unmarshalVia reads `via <dialer> [<args...>] [{ ... }]` into the JSON of

@@ -788,10 +788,7 @@ func (p *tlsPair) upstreamReadable() {
 			p.dirDone()
 			return
 		}
-		p.r.touch()
-		p.r.down.Add(int64(n)) // counted as read, before the write
-		p.counters[1].Add(float64(n))
-		_, werr := p.tc.Write((*bp)[:n])
+		werr := p.r.forward(p.tc, (*bp)[:n], p.r.down, p.counters[1])
 		returnGeneric(bp)
 		if werr != nil {
 			p.finish(werr)

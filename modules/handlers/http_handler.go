@@ -17,8 +17,6 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
-	"github.com/waproxy/caddy-waproxy/modules/metrics"
-	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
@@ -213,8 +211,6 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
-		Handler: "layer4.handlers.wa_http", HealthFunc: upstreams.HealthView(h.dialer)})
 	h.transport = &http.Transport{
 		Proxy:                  nil, // never the environment's proxy
 		DialContext:            h.dialTransport,
@@ -227,15 +223,7 @@ func (h *HandleHTTP) Provision(ctx caddy.Context) error {
 		IdleConnTimeout:        90 * time.Second,
 		MaxResponseHeaderBytes: 1 << 20,
 	}
-	// the waproxy app drains connections at shutdown: load it even when
-	// the config does not mention it (a handler provisioned by hand, as in
-	// a unit test, has no config to load it into)
-	if ctx.Module() != nil {
-		if _, err := ctx.App("waproxy"); err != nil {
-			return err
-		}
-	}
-	return metrics.Register(ctx.GetMetricsRegistry())
+	return finishProvision(ctx, "layer4.handlers.wa_http", "", h.dialer, h.dialerID)
 }
 
 // Validate checks the configuration.

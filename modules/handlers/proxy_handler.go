@@ -125,24 +125,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	registry.AddDialer(ctx, registry.Dialer{Dialer: h.dialerID, Servers: dialerServers(h.dialer),
-		Handler: "layer4.handlers.wa_proxy", Destination: h.Destination, HealthFunc: upstreams.HealthView(h.dialer)})
-
 	if h.TLS != nil {
 		if err := h.TLS.provision(); err != nil {
 			return err
 		}
 	}
 
-	// the waproxy app drains connections at shutdown: load it even when
-	// the config does not mention it (a handler provisioned by hand, as in
-	// a unit test, has no config to load it into)
-	if ctx.Module() != nil {
-		if _, err := ctx.App("waproxy"); err != nil {
-			return err
-		}
-	}
-	return metrics.Register(ctx.GetMetricsRegistry())
+	return finishProvision(ctx, "layer4.handlers.wa_proxy", h.Destination, h.dialer, h.dialerID)
 }
 
 // Validate checks the configuration. A destination without placeholders is
@@ -321,15 +310,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	carried = true
 	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), rc, end, release) {
 		offloaded = true
-	}
-	return nil
-}
-
-// dialerServers returns the servers a dialer goes through (socks5), for the
-// registry; never its credentials.
-func dialerServers(d upstreams.Dialer) []string {
-	if s, ok := d.(*upstreams.SOCKS5); ok {
-		return s.Servers
 	}
 	return nil
 }

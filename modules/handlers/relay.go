@@ -190,12 +190,7 @@ func (r *relay) pipeTCP(dst net.Conn, src *net.TCPConn, total *atomic.Int64, cou
 			relayBufs.Put(bp)
 			return nil // EOF
 		}
-		r.touch()
-		// counted as read, before the write: a peer that has seen the
-		// bytes sees them counted
-		total.Add(int64(n))
-		counter.Add(float64(n))
-		_, werr := dst.Write((*bp)[:n])
+		werr := r.forward(dst, (*bp)[:n], total, counter)
 		relayBufs.Put(bp)
 		if werr != nil {
 			return werr
@@ -275,11 +270,7 @@ func (r *relay) readTLS(dst net.Conn, src *tls.Conn, sock syscall.RawConn, wait 
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
-			r.touch()
-			total.Add(int64(n)) // counted as read, before the write
-			counter.Add(float64(n))
-			_, werr := dst.Write(buf[:n])
-			if werr != nil {
+			if werr := r.forward(dst, buf[:n], total, counter); werr != nil {
 				return false, werr
 			}
 		}
@@ -369,11 +360,7 @@ func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prom
 		}
 		n, err := src.Read(buf)
 		if n > 0 {
-			r.touch()
-			total.Add(int64(n)) // counted as read, before the write
-			counter.Add(float64(n))
-			_, werr := dst.Write(buf[:n])
-			if werr != nil {
+			if werr := r.forward(dst, buf[:n], total, counter); werr != nil {
 				return werr
 			}
 		}
@@ -390,6 +377,17 @@ func (r *relay) pipeGeneric(dst, src net.Conn, total *atomic.Int64, counter prom
 			return err
 		}
 	}
+}
+
+// forward writes a chunk read from one side to dst. The chunk is counted as
+// read, before the write, so a peer that has seen the bytes sees them
+// counted; it also counts as activity for the idle timeout.
+func (r *relay) forward(dst net.Conn, b []byte, total *atomic.Int64, counter prometheus.Counter) error {
+	r.touch()
+	total.Add(int64(len(b)))
+	counter.Add(float64(len(b)))
+	_, err := dst.Write(b)
+	return err
 }
 
 // activeWithin reports whether a chunk moved (either way) within the idle
