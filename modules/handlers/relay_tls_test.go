@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,9 @@ import (
 
 	"github.com/waproxy/caddy-waproxy/modules/registry"
 )
+
+// count the pooled buffers the relays hold (see genericBorrowed)
+func init() { genericBorrowed = new(atomic.Int64) }
 
 // The goroutine relay carries TLS-terminated connections (caddy-l4's tls
 // handler, then wa_proxy) without holding a buffer while they are idle: it
