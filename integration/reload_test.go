@@ -87,40 +87,6 @@ func proxyHandler(m obj) obj {
 	return server["routes"].([]any)[0].(obj)["handle"].([]any)[0].(obj)
 }
 
-// adminDo sends one request to the admin endpoint and returns the status
-// and body. It reports errors instead of failing the test, so goroutines may
-// call it.
-//
-// Caddy replaces its admin server at every load, binding a new
-// SO_REUSEPORT socket and closing the old one just after: a kept-alive
-// connection to the old server may be closed under a request that cannot be
-// retried (a POST), and a new connection may be reset while connecting (see
-// reloadMigrates). So each request gets a fresh connection, dialled again
-// when the connect is reset; the request had not been sent.
-func adminDo(c *testutil.Caddy, method, path string, body []byte) (int, string, error) {
-	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	var resp *http.Response
-	for attempt := 0; ; attempt++ {
-		req, err := http.NewRequest(method, "http://"+c.Admin+path, bytes.NewReader(body))
-		if err != nil {
-			return 0, "", err
-		}
-		req.Header.Set("Content-Type", "application/json")
-		resp, err = client.Do(req)
-		if err == nil {
-			break
-		}
-		var op *net.OpError
-		if attempt < 5 && errors.As(err, &op) && op.Op == "dial" && errors.Is(err, syscall.ECONNRESET) {
-			continue
-		}
-		return 0, "", fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
 // postLoad posts cfg to POST /load with the admin section StartCaddy set
 // (as Caddy.Load does) and returns the status and body instead of failing.
 func postLoad(c *testutil.Caddy, cfg string) (int, string, error) {
@@ -130,20 +96,20 @@ func postLoad(c *testutil.Caddy, cfg string) (int, string, error) {
 	}
 	m["admin"] = obj{"listen": c.Admin, "config": obj{"persist": false}}
 	b, _ := json.Marshal(m)
-	return adminDo(c, http.MethodPost, "/load", b)
+	return c.AdminDo(http.MethodPost, "/load", b)
 }
 
 // patchConfig replaces the value at path (/config/...) with v through
 // PATCH, which reloads the config.
 func patchConfig(c *testutil.Caddy, path string, v any) (int, string, error) {
 	b, _ := json.Marshal(v)
-	return adminDo(c, http.MethodPatch, path, b)
+	return c.AdminDo(http.MethodPatch, path, b)
 }
 
 // configValue returns the running config's value at path (/config/...).
 func configValue(t *testing.T, c *testutil.Caddy, path string) any {
 	t.Helper()
-	status, body, err := adminDo(c, http.MethodGet, path, nil)
+	status, body, err := c.AdminDo(http.MethodGet, path, nil)
 	if err != nil || status != http.StatusOK {
 		t.Fatalf("GET %s: status %d, %v: %s", path, status, err, body)
 	}
@@ -565,7 +531,7 @@ func TestReloadBadConfigRejected(t *testing.T) {
 			var traffic error
 			var wg sync.WaitGroup
 			wg.Go(func() { traffic = echoAll(clients, i, "during") })
-			status, resp, err := adminDo(c, tc.method, tc.path, body)
+			status, resp, err := c.AdminDo(tc.method, tc.path, body)
 			wg.Wait()
 			if err != nil {
 				t.Fatal(err)

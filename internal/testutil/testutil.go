@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -89,14 +90,12 @@ func (c *Caddy) Load(t testing.TB, cfg string) {
 	if err := json.Unmarshal([]byte(cfg), &m); err != nil {
 		t.Fatalf("test config is not JSON: %v", err)
 	}
-	resp, err := http.Post("http://"+c.Admin+"/load", "application/json", bytes.NewReader(withAdmin(m, c.Admin)))
+	status, body, err := c.AdminDo(http.MethodPost, "/load", withAdmin(m, c.Admin))
 	if err != nil {
 		t.Fatalf("POST /load: %v", err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(resp.Body)
-		t.Fatalf("POST /load: status %d: %s", resp.StatusCode, body)
+	if status != http.StatusOK {
+		t.Fatalf("POST /load: status %d: %s", status, body)
 	}
 }
 
@@ -236,4 +235,39 @@ func (s *EchoServer) Received() [][]byte {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([][]byte(nil), s.firsts...)
+}
+
+// AdminDo sends one request to the admin endpoint and returns the status
+// and body. It reports errors instead of failing the test, so goroutines may
+// call it.
+//
+// Caddy replaces its admin server at every load, binding a new
+// SO_REUSEPORT socket and closing the old one just after: a kept-alive
+// connection to the old server may be closed under a request that cannot be
+// retried (a POST), and a new connection may be reset while connecting
+// (unless net.ipv4.tcp_migrate_req is 1). So each request gets a fresh
+// connection, dialled again when the connect is reset; the request had not
+// been sent.
+func (c *Caddy) AdminDo(method, path string, body []byte) (int, string, error) {
+	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	var resp *http.Response
+	for attempt := 0; ; attempt++ {
+		req, err := http.NewRequest(method, "http://"+c.Admin+path, bytes.NewReader(body))
+		if err != nil {
+			return 0, "", err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err = client.Do(req)
+		if err == nil {
+			break
+		}
+		var op *net.OpError
+		if attempt < 5 && errors.As(err, &op) && op.Op == "dial" && errors.Is(err, syscall.ECONNRESET) {
+			continue
+		}
+		return 0, "", fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
 }

@@ -1,11 +1,9 @@
 package app
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -310,14 +308,12 @@ func TestHandlersLoadApp(t *testing.T) {
 	_ = json.Unmarshal([]byte(cfg(map[string]any{"grace_period": "-5s"})), &bad)
 	bad["admin"] = map[string]any{"listen": c.Admin, "config": map[string]any{"persist": false}}
 	body, _ := json.Marshal(bad)
-	resp, err := http.Post("http://"+c.Admin+"/load", "application/json", bytes.NewReader(body))
+	status, msg, err := c.AdminDo(http.MethodPost, "/load", body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(msg), "grace_period must not be negative: -5s") {
-		t.Fatalf("a negative grace period: status %d, %s", resp.StatusCode, msg)
+	if status != http.StatusBadRequest || !strings.Contains(msg, "grace_period must not be negative: -5s") {
+		t.Fatalf("a negative grace period: status %d, %s", status, msg)
 	}
 	if a := current.Load(); time.Duration(a.GracePeriod) != 2*time.Second {
 		t.Fatalf("the refused config replaced the app: %v", time.Duration(a.GracePeriod))
@@ -337,12 +333,11 @@ func TestHandlersLoadApp(t *testing.T) {
 	failing["admin"] = map[string]any{"listen": c.Admin, "config": map[string]any{"persist": false}}
 	body, _ = json.Marshal(failing)
 	for range 12 {
-		resp, err := http.Post("http://"+c.Admin+"/load", "application/json", bytes.NewReader(body))
+		status, _, err := c.AdminDo(http.MethodPost, "/load", body)
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp.Body.Close()
-		if resp.StatusCode == http.StatusOK {
+		if status == http.StatusOK {
 			t.Fatal("a config whose listener address is taken loaded")
 		}
 		if a := current.Load(); time.Duration(a.GracePeriod) != 2*time.Second {
