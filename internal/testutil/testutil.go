@@ -245,9 +245,11 @@ func (s *EchoServer) Received() [][]byte {
 // SO_REUSEPORT socket and closing the old one just after: a kept-alive
 // connection to the old server may be closed under a request that cannot be
 // retried (a POST), and a new connection may be reset while connecting
-// (unless net.ipv4.tcp_migrate_req is 1). So each request gets a fresh
-// connection, dialled again when the connect is reset; the request had not
-// been sent.
+// (unless net.ipv4.tcp_migrate_req is 1), or closed with the request in it
+// before any server read it (the old listener's queue is dropped; a server
+// that did read a request answers it before it shuts down). So each request
+// gets a fresh connection, sent again when it was reset or closed without an
+// answer.
 func (c *Caddy) AdminDo(method, path string, body []byte) (int, string, error) {
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	var resp *http.Response
@@ -261,8 +263,10 @@ func (c *Caddy) AdminDo(method, path string, body []byte) (int, string, error) {
 		if err == nil {
 			break
 		}
-		var op *net.OpError
-		if attempt < 5 && errors.As(err, &op) && op.Op == "dial" && errors.Is(err, syscall.ECONNRESET) {
+		// reset while connecting, or closed with no answer: the connection
+		// sat in the old admin listener's queue when it closed, so no
+		// server read the request
+		if attempt < 5 && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF)) {
 			continue
 		}
 		return 0, "", fmt.Errorf("%s %s: %w", method, path, err)
