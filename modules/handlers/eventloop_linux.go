@@ -32,7 +32,7 @@ import (
 // to the pool as soon as its bytes are written.
 
 // loopCount is how many epoll loops share the connections. Each loop is one
-// goroutine blocked in epoll_wait.
+// goroutine, parked in Go's poller while none of its sockets is ready.
 var loopCount = min(runtime.GOMAXPROCS(0), 4)
 
 var (
@@ -135,6 +135,7 @@ func dupFD(c *net.TCPConn) (int, error) {
 }
 
 type eventLoop struct {
+	set    *epollSet
 	epfd   int
 	wakefd int // an eventfd in the epoll set: written to wake the loop for cuts
 	mu     sync.Mutex
@@ -144,13 +145,14 @@ type eventLoop struct {
 }
 
 func newEventLoop() (*eventLoop, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	set, err := newEpollSet()
 	if err != nil {
-		return nil, fmt.Errorf("epoll_create1: %w", err)
+		return nil, err
 	}
+	epfd := set.fd
 	wakefd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
-		unix.Close(epfd)
+		_ = set.file.Close()
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	// The wake fd stays open for the loop's life, so no pair's socket ever
@@ -158,10 +160,10 @@ func newEventLoop() (*eventLoop, error) {
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wakefd)}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
 		unix.Close(wakefd)
-		unix.Close(epfd)
+		_ = set.file.Close()
 		return nil, fmt.Errorf("epoll_ctl add eventfd: %w", err)
 	}
-	return &eventLoop{epfd: epfd, wakefd: wakefd, pairs: make(map[int32]*pair)}, nil
+	return &eventLoop{set: set, epfd: epfd, wakefd: wakefd, pairs: make(map[int32]*pair)}, nil
 }
 
 // requestCut asks p's loop to close p (with errCut). Any goroutine may call
@@ -226,17 +228,13 @@ func (l *eventLoop) add(p *pair) error {
 }
 
 func (l *eventLoop) run() {
-	events := make([]unix.EpollEvent, 256)
 	lastSweep := time.Now()
-	for {
-		n, err := unix.EpollWait(l.epfd, events, 1000)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			// epoll_wait only fails on programming errors; keep serving
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		for i := range max(n, 0) {
-			ev := events[i]
+	sweep := func() {
+		lastSweep = time.Now()
+		l.sweep()
+	}
+	l.set.run(make([]unix.EpollEvent, 256), func(events []unix.EpollEvent) {
+		for _, ev := range events {
 			if ev.Fd == int32(l.wakefd) {
 				l.closeCut()
 				continue
@@ -250,10 +248,9 @@ func (l *eventLoop) run() {
 			l.serve(p, ev.Fd, ev.Events)
 		}
 		if time.Since(lastSweep) >= time.Second {
-			lastSweep = time.Now()
-			l.sweep()
+			sweep() // under constant traffic the tick may wait
 		}
-	}
+	}, time.Second, sweep)
 }
 
 // sweep closes pairs where nothing moved for their idle timeout.
@@ -468,6 +465,7 @@ func sockError(fd int) error {
 // goroutine returns, as with the event loop.
 
 type waker struct {
+	set     *epollSet
 	epfd    int
 	mu      sync.Mutex
 	next    uint64
@@ -514,12 +512,12 @@ func watchedSockets() int {
 
 func startWaker() (*waker, error) {
 	wakerOnce.Do(func() {
-		epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		set, err := newEpollSet()
 		if err != nil {
-			wakerErr = fmt.Errorf("epoll_create1: %w", err)
+			wakerErr = err
 			return
 		}
-		theWaker = &waker{epfd: epfd, watches: make(map[uint64]*watch)}
+		theWaker = &waker{set: set, epfd: set.fd, watches: make(map[uint64]*watch)}
 		go theWaker.run()
 	})
 	return theWaker, wakerErr
@@ -570,15 +568,9 @@ func (wt *watch) stop() {
 }
 
 func (w *waker) run() {
-	events := make([]unix.EpollEvent, 256)
-	for {
-		n, err := unix.EpollWait(w.epfd, events, -1)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		for i := range max(n, 0) {
-			id := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
+	w.set.run(make([]unix.EpollEvent, 256), func(events []unix.EpollEvent) {
+		for _, ev := range events {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 			w.mu.Lock()
 			wt := w.watches[id]
 			w.mu.Unlock()
@@ -586,7 +578,7 @@ func (w *waker) run() {
 				go wt.f()
 			}
 		}
-	}
+	}, 0, nil)
 }
 
 // tlsPair is a TLS-terminated client and a plain upstream relayed on
