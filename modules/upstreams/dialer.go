@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
@@ -24,6 +25,16 @@ type Dialer interface {
 	// destination. Dialers return the underlying *net.TCPConn where they can,
 	// so the relay can use the kernel's zero-copy paths.
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Resolver is implemented by a dialer whose connections are plain TCP from
+// this host (wa.dialers.direct). Resolve returns the addresses DialContext
+// would connect to for address, in the order it would try them, after the
+// checks it makes; a caller that connects by itself (wa_proxy's event loop
+// connects without a goroutine) keeps the dialer's policy that way. Errors
+// are *DialError values, as DialContext's.
+type Resolver interface {
+	Resolve(ctx context.Context, network, address string) ([]netip.AddrPort, error)
 }
 
 // DialError is the error dialers return. Kind is one of the metrics.Kind*

@@ -1,11 +1,13 @@
 package upstreams
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"syscall"
 
 	"github.com/caddyserver/caddy/v2"
@@ -46,8 +48,10 @@ func (*Direct) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets up the dialer and starts the health check. TCP keep-alive
-// uses Go's defaults (probes after 15s idle).
+// Provision sets up the dialer and starts the health check. Connections
+// DialContext makes have TCP keep-alive at Go's defaults (probes after 15s
+// idle); wa_proxy's event loop connects to Resolve's addresses itself,
+// without keep-alive (its idle timeout ends dead connections).
 func (dd *Direct) Provision(ctx caddy.Context) error {
 	dd.dialer = net.Dialer{}
 	if dd.HealthCheck == nil {
@@ -105,6 +109,62 @@ func (dd *Direct) DialContext(ctx context.Context, network, address string) (net
 		return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, opCause(err))}
 	}
 	return c, nil // a *net.TCPConn
+}
+
+// Resolve returns the addresses DialContext would try for address, in the
+// same order: an IP address as it is, a name's addresses as the system
+// resolver returns them (Go's net.Resolver, which sorts them per RFC 6724).
+// With an allowlist in ctx, internal addresses it does not allow are left
+// out, and an error of kind metrics.KindNotAllowed says so when none is
+// left. Other errors are of kind metrics.KindDestination for a malformed
+// address, metrics.KindTimeout when ctx's deadline passed, else
+// metrics.KindDial; messages start "dial <address>: " as DialContext's.
+func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip.AddrPort, error) {
+	if err := checkNetwork(network); err != nil {
+		return nil, err
+	}
+	host, portStr, err := net.SplitHostPort(address)
+	if err != nil {
+		return nil, dialErrorf(metrics.KindDestination, "dial %s: %w", address, err)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil || port == 0 {
+		return nil, dialErrorf(metrics.KindDestination, "dial %s: invalid port %q", address, portStr)
+	}
+	var ips []netip.Addr
+	if ip, err := netip.ParseAddr(host); err == nil {
+		ips = []netip.Addr{ip}
+	} else {
+		ipNetwork := map[string]string{"tcp": "ip", "tcp4": "ip4", "tcp6": "ip6"}[network]
+		ips, err = net.DefaultResolver.LookupNetIP(ctx, ipNetwork, host)
+		if err != nil {
+			return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, err)}
+		}
+	}
+	allow := allowlistFrom(ctx)
+	addrs := make([]netip.AddrPort, 0, len(ips))
+	var refused error
+	for _, ip := range ips {
+		ip = ip.Unmap()
+		if (network == "tcp4" && !ip.Is4()) || (network == "tcp6" && !ip.Is6()) {
+			continue
+		}
+		ap := netip.AddrPortFrom(ip, uint16(port))
+		if allow != nil {
+			if err := checkResolved(allow, ap.String()); err != nil {
+				refused = cmp.Or(refused, err)
+				continue
+			}
+		}
+		addrs = append(addrs, ap)
+	}
+	if len(addrs) == 0 {
+		if refused != nil {
+			return nil, &DialError{Kind: metrics.KindNotAllowed, Err: fmt.Errorf("dial %s: %w", address, refused)}
+		}
+		return nil, dialErrorf(metrics.KindDial, "dial %s: no %s address", address, network)
+	}
+	return addrs, nil
 }
 
 // internalAddrError reports a resolved address the allowlist does not reach.
@@ -211,6 +271,7 @@ func opCause(err error) error {
 // Interface guards
 var (
 	_ Dialer                = (*Direct)(nil)
+	_ Resolver              = (*Direct)(nil)
 	_ caddy.Module          = (*Direct)(nil)
 	_ caddy.Provisioner     = (*Direct)(nil)
 	_ caddy.CleanerUpper    = (*Direct)(nil)

@@ -3,6 +3,8 @@ package upstreams
 import (
 	"context"
 	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -172,4 +174,60 @@ func BenchmarkDirectDial(b *testing.B) {
 	echo := testutil.StartEcho(b)
 	d := provisionDialer(b, new(Direct))
 	benchmarkDialEcho(b, d, echo.Addr)
+}
+
+// TestDirectResolve: the addresses wa_proxy's event loop connects to, under
+// the same checks as DialContext.
+func TestDirectResolve(t *testing.T) {
+	d := new(Direct)
+	ctx := context.Background()
+	resolve := func(t *testing.T, ctx context.Context, network, address string) []netip.AddrPort {
+		t.Helper()
+		addrs, err := d.Resolve(ctx, network, address)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return addrs
+	}
+	t.Run("address", func(t *testing.T) {
+		if got := resolve(t, ctx, "tcp", "127.0.0.1:5222"); len(got) != 1 || got[0] != netip.MustParseAddrPort("127.0.0.1:5222") {
+			t.Fatalf("got %v", got)
+		}
+		if got := resolve(t, ctx, "tcp", "[::ffff:127.0.0.1]:443"); len(got) != 1 || got[0] != netip.MustParseAddrPort("127.0.0.1:443") {
+			t.Fatalf("got %v, want the IPv4-mapped address unmapped", got)
+		}
+	})
+	t.Run("name", func(t *testing.T) {
+		got := resolve(t, ctx, "tcp4", "localhost:5222")
+		if !slices.Contains(got, netip.MustParseAddrPort("127.0.0.1:5222")) {
+			t.Fatalf("localhost resolved to %v", got)
+		}
+		for _, ap := range got {
+			if !ap.Addr().Is4() {
+				t.Fatalf("tcp4 gave %v", ap)
+			}
+		}
+	})
+	allow, err := NewAllowlist([]string{"localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, network, address, kind, msg string
+		ctx                               context.Context
+	}{
+		{"no port", "tcp", "127.0.0.1", metrics.KindDestination, "dial 127.0.0.1: address 127.0.0.1: missing port in address", ctx},
+		{"bad port", "tcp", "127.0.0.1:99999", metrics.KindDestination, `dial 127.0.0.1:99999: invalid port "99999"`, ctx},
+		{"not tcp", "udp", "127.0.0.1:53", metrics.KindDestination, `unsupported network "udp": only tcp can be dialled`, ctx},
+		{"no such family", "tcp6", "127.0.0.1:5222", metrics.KindDial, "dial 127.0.0.1:5222: no tcp6 address", ctx},
+		{"internal address not allowed", "tcp4", "localhost:5222", metrics.KindNotAllowed,
+			"dial localhost:5222: resolved to 127.0.0.1 (loopback), an internal address the allowlist does not include; allow it, or a range containing it, to reach it",
+			WithAllowlist(ctx, allow)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := d.Resolve(tc.ctx, tc.network, tc.address)
+			assertDialError(t, err, tc.kind, tc.msg)
+		})
+	}
 }
