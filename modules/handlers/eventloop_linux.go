@@ -142,6 +142,7 @@ type eventLoop struct {
 	pairs  map[int32]*pair // both sockets of a pair map to it
 	nextID uint32
 	cuts   []*pair // pairs cut from other goroutines, closed by the loop (under mu)
+	late   []*pair // pairs whose connect timed out (under mu)
 }
 
 func newEventLoop() (*eventLoop, error) {
@@ -177,6 +178,20 @@ func (p *pair) requestCut() {
 	l.mu.Lock()
 	l.cuts = append(l.cuts, p)
 	l.mu.Unlock()
+	l.notify()
+}
+
+// wake asks the loop to end p if it is still connecting (its connect
+// timed out). Any goroutine.
+func (l *eventLoop) wake(p *pair) {
+	l.mu.Lock()
+	l.late = append(l.late, p)
+	l.mu.Unlock()
+	l.notify()
+}
+
+// notify wakes the loop up to look at its cuts and timeouts.
+func (l *eventLoop) notify() {
 	var one [8]byte // an eventfd is written a native-endian uint64
 	binary.NativeEndian.PutUint64(one[:], 1)
 	_, _ = unix.Write(l.wakefd, one[:])
@@ -187,11 +202,14 @@ func (l *eventLoop) closeCut() {
 	var buf [8]byte
 	_, _ = unix.Read(l.wakefd, buf[:]) // reset the counter (non-blocking)
 	l.mu.Lock()
-	cuts := l.cuts
-	l.cuts = nil
+	cuts, late := l.cuts, l.late
+	l.cuts, l.late = nil, nil
 	l.mu.Unlock()
 	for _, p := range cuts {
 		l.close(p, errCut)
+	}
+	for _, p := range late {
+		l.connectTimedOut(p)
 	}
 }
 
@@ -201,12 +219,17 @@ func (l *eventLoop) closeCut() {
 // both sockets are registered; until then its (level-triggered) events are
 // skipped and come again.
 func (l *eventLoop) add(p *pair) error {
+	return l.addWith(p, [2]uint32{unix.EPOLLIN, unix.EPOLLIN})
+}
+
+// addWith is add with the initial epoll interest of each socket.
+func (l *eventLoop) addWith(p *pair, interest [2]uint32) error {
 	p.loop = l
 	l.mu.Lock()
 	l.nextID++
 	p.id = l.nextID
 	l.mu.Unlock()
-	p.interest = [2]uint32{unix.EPOLLIN, unix.EPOLLIN}
+	p.interest = interest
 	for i, fd := range p.fds {
 		ev := unix.EpollEvent{Events: p.interest[i], Fd: int32(fd), Pad: int32(p.id)}
 		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -283,8 +306,9 @@ type pair struct {
 	idle       time.Duration
 	lastActive atomic.Int64
 	done       func(pairStats, error)
-	closed     bool        // loop goroutine only
-	cut        atomic.Bool // requestCut was called
+	closed     bool          // loop goroutine only
+	conn       *connectState // the upstream's connect, while in progress (see offloadConnect)
+	cut        atomic.Bool   // requestCut was called
 }
 
 func (p *pair) touch() { p.lastActive.Store(time.Now().UnixNano()) }
@@ -294,6 +318,10 @@ func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
 	s := 0
 	if int(fd) == p.fds[1] {
 		s = 1
+	}
+	if s == 1 && p.conn != nil {
+		l.connected(p, events)
+		return
 	}
 	acted := false
 	if events&unix.EPOLLOUT != 0 && p.pend[s] != nil {
@@ -409,12 +437,20 @@ func (l *eventLoop) close(p *pair, err error) {
 	}
 	p.closed = true
 	l.mu.Lock()
-	delete(l.pairs, int32(p.fds[0]))
-	delete(l.pairs, int32(p.fds[1]))
+	for _, fd := range p.fds {
+		if fd >= 0 && l.pairs[int32(fd)] == p {
+			delete(l.pairs, int32(fd))
+		}
+	}
 	l.mu.Unlock()
+	if p.conn != nil {
+		p.conn.timer.Stop()
+	}
 	for i, fd := range p.fds {
-		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-		_ = unix.Close(fd)
+		if fd >= 0 {
+			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			_ = unix.Close(fd)
+		}
 		if p.pendBuf[i] != nil {
 			relayBufs.Put(p.pendBuf[i])
 			p.pend[i], p.pendBuf[i] = nil, nil

@@ -4,6 +4,7 @@ package handlers
 
 import (
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -34,3 +35,13 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 
 // watchedSockets is -1: there is no waker.
 func watchedSockets() int { return -1 }
+
+// connectsInLoop is false: there is no event loop.
+func connectsInLoop(net.Conn) bool { return false }
+
+// offloadConnect is Linux-only (epoll); elsewhere wa_proxy dials.
+func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, first [][]byte, fromClient int,
+	timeout, idle time.Duration, n [2]*atomic.Int64, counters [2]prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool, err error) {
+	return nil, false, nil
+}

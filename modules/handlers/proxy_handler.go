@@ -8,6 +8,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
 	"github.com/pires/go-proxyproto"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
@@ -224,13 +226,63 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	// name that resolves to an internal address (loopback, private, ...).
 	ctx, cancel := context.WithTimeout(upstreams.WithAllowlist(cx.Context, h.allow), time.Duration(h.ConnectTimeout))
 	defer cancel() // connect_timeout covers the dial and the upstream TLS handshake
+
+	// end logs and counts how the connection ended; it runs once, on the
+	// event loop's goroutine or on this one.
+	end := func(st pairStats, err error) {
+		relayErr = err
+		var de *upstreams.DialError
+		if errors.As(err, &de) { // the event loop's connect failed
+			h.dialFailed(remote, dest, err)
+			return
+		}
+		fields := []zap.Field{
+			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+			zap.String("protocol", protocol),
+			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
+			zap.Duration("duration", time.Since(start)),
+		}
+		logEnd(h.logger, "connection", fields, err)
+	}
+
+	if resolver, ok := h.dialer.(upstreams.Resolver); ok && h.TLS == nil && connectsInLoop(cx.Conn) {
+		// The event loop connects (no dial goroutine, no Go connection):
+		// see offloadConnect. Anything it cannot take goes the usual way.
+		addrs, err := resolver.Resolve(ctx, "tcp", dest)
+		if err != nil {
+			failure = err
+			h.dialFailed(remote, dest, err)
+			return nil
+		}
+		first, ok := h.firstBytes(cx, remote, dest)
+		if !ok {
+			return nil
+		}
+		prefetched := cx.MatchingBytes()
+		if len(prefetched) > 0 {
+			first = append(first, prefetched)
+		}
+		n := [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}
+		cut, ok, err := offloadConnect(cx.Conn, dest, addrs, first, len(prefetched),
+			time.Until(deadlineOf(ctx)), time.Duration(h.IdleTimeout), n,
+			[2]prometheus.Counter{metrics.BytesReceived, metrics.BytesSent},
+			func(st pairStats, err error) { end(st, err); release() })
+		if err != nil {
+			failure = err
+			h.dialFailed(remote, dest, err)
+			return nil
+		}
+		if ok {
+			rc.ReplaceCut(cut)
+			offloaded = true
+			return nil
+		}
+	}
+
 	up, err := h.dialer.DialContext(ctx, "tcp", dest)
 	if err != nil {
 		failure = err
-		metrics.CountError(upstreams.ErrorKind(err))
-		h.logger.Error("dial upstream",
-			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
-			zap.String("kind", upstreams.ErrorKind(err)), zap.Error(err))
+		h.dialFailed(remote, dest, err)
 		return nil
 	}
 	carried := false // from carry on, the relay owns up and closes it
@@ -242,17 +294,9 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 
 	// The first write carries the PROXY header (if any) and the bytes the
 	// matchers have already read, in one writev.
-	var first net.Buffers
-	if h.ppVersion > 0 {
-		raw := l4proxyprotocol.GetConn(cx)
-		header := proxyproto.HeaderProxyFromAddrs(h.ppVersion, raw.RemoteAddr(), raw.LocalAddr())
-		b, err := header.Format()
-		if err != nil {
-			metrics.CountError(metrics.KindProxyProtocol)
-			h.logger.Error("build PROXY header", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
-			return nil
-		}
-		first = append(first, b)
+	first, ok := h.firstBytes(cx, remote, dest)
+	if !ok {
+		return nil
 	}
 	if h.TLS != nil {
 		// The PROXY header goes in clear, before the handshake.
@@ -294,24 +338,44 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 	}
 
-	// end logs and counts how the connection ended; it runs once, on the
-	// event loop's goroutine or on this one.
-	end := func(st pairStats, err error) {
-		relayErr = err
-		fields := []zap.Field{
-			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
-			zap.String("protocol", protocol),
-			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
-			zap.Duration("duration", time.Since(start)),
-		}
-		logEnd(h.logger, "connection", fields, err)
-	}
-
 	carried = true
 	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), rc, end, release) {
 		offloaded = true
 	}
 	return nil
+}
+
+// dialFailed logs and counts a failure to reach the destination.
+func (h *Handler) dialFailed(remote, dest string, err error) {
+	kind := upstreams.ErrorKind(err)
+	metrics.CountError(kind)
+	h.logger.Error("dial upstream",
+		zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+		zap.String("kind", kind), zap.Error(err))
+}
+
+// firstBytes returns the PROXY header to send upstream first, if the
+// handler sends one; ok is false (logged and counted) when it cannot be
+// built.
+func (h *Handler) firstBytes(cx *layer4.Connection, remote, dest string) (first net.Buffers, ok bool) {
+	if h.ppVersion == 0 {
+		return nil, true
+	}
+	raw := l4proxyprotocol.GetConn(cx)
+	header := proxyproto.HeaderProxyFromAddrs(h.ppVersion, raw.RemoteAddr(), raw.LocalAddr())
+	b, err := header.Format()
+	if err != nil {
+		metrics.CountError(metrics.KindProxyProtocol)
+		h.logger.Error("build PROXY header", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+		return nil, false
+	}
+	return net.Buffers{b}, true
+}
+
+// deadlineOf is ctx's deadline (connect_timeout from now).
+func deadlineOf(ctx context.Context) time.Time {
+	d, _ := ctx.Deadline()
+	return d
 }
 
 // isClosedByPeer reports errors that are a peer's normal way of leaving:

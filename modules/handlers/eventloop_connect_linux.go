@@ -1,0 +1,274 @@
+//go:build linux
+
+package handlers
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
+)
+
+// Connecting from the loop: for a plain client and a dialer that only
+// resolves (wa.dialers.direct, see upstreams.Resolver), wa_proxy does not
+// dial with Go's net package and then hand both sockets over. It starts a
+// non-blocking connect(2) itself and hands the client's socket and the
+// connecting one to the event loop with the first bytes (PROXY header and
+// the bytes the matchers read) pending for the upstream; the loop writes
+// them when the socket becomes writable, which is when the connect
+// completed. That saves, per connection, registering and unregistering the
+// upstream socket with Go's poller, parking caddy-l4's goroutine until the
+// connect completes, duplicating the socket, Go's connection objects, and
+// four setsockopt calls for TCP keep-alive (the relay's idle timeout ends a
+// dead connection; the official proxy sets no keep-alive either).
+
+// connectState is a pair's connect in progress (loop goroutine only, once
+// the pair is added).
+type connectState struct {
+	address   string           // the destination as configured, for messages
+	addrs     []netip.AddrPort // what is left to try after the current one
+	current   netip.AddrPort
+	firstErr  error  // the first address's failure, reported if all fail
+	firstKind string // its errors_total kind
+	fromFirst int    // the client's bytes among the pending first bytes
+	deadline  time.Time
+	attemptBy time.Time // the current address's share of the time
+	timer     *time.Timer
+}
+
+// startAttempt gives the address just tried its share of the time left, as
+// Go's net.Dialer does: an equal share per address left, at least 2s while
+// there is that much (a silent address does not use up the others' time).
+func (cs *connectState) startAttempt(now time.Time) {
+	left := cs.deadline.Sub(now)
+	share := left / time.Duration(1+len(cs.addrs))
+	if share < 2*time.Second {
+		share = min(left, 2*time.Second)
+	}
+	cs.attemptBy = now.Add(share)
+	cs.timer.Reset(share)
+}
+
+// startConnect creates a non-blocking socket and connects it to the first
+// address that does not fail at once. It returns the socket and the
+// addresses not tried yet, or the first failure when every address failed.
+func startConnect(addrs []netip.AddrPort) (fd int, current netip.AddrPort, rest []netip.AddrPort, err error) {
+	var first error
+	for i, ap := range addrs {
+		fd, err := connectTo(ap)
+		if err == nil {
+			return fd, ap, addrs[i+1:], nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	if first == nil {
+		first = errors.New("no address to connect to")
+	}
+	return -1, netip.AddrPort{}, nil, first
+}
+
+func connectTo(ap netip.AddrPort) (int, error) {
+	var sa unix.Sockaddr
+	family := unix.AF_INET
+	if ap.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	} else {
+		family = unix.AF_INET6
+		sa6 := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+		if z := ap.Addr().Zone(); z != "" {
+			if ifi, err := net.InterfaceByName(z); err == nil {
+				sa6.ZoneId = uint32(ifi.Index)
+			}
+		}
+		sa = sa6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	// as Go's net package: small writes (chat frames) go out at once
+	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	for {
+		err = unix.Connect(fd, sa)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		return -1, fmt.Errorf("connect: %w", err)
+	}
+	return fd, nil
+}
+
+// connectsInLoop reports whether offloadConnect can take client (a plain
+// TCP socket, with the event loop in use).
+func connectsInLoop(client net.Conn) bool {
+	_, ok := client.(*net.TCPConn)
+	return ok && relayMode == ""
+}
+
+// offloadConnect connects to addrs (in order, until one succeeds, within
+// timeout) from an event loop and relays client with it there. first holds
+// the bytes to send upstream before anything else; fromClient of them are
+// the client's (counted when they go out). done runs once when the pair
+// ends: with a *upstreams.DialError (kind dial or timeout) when no address
+// could be connected to, else as for offloadCuttable. ok is false, with
+// nothing changed, when client is not a plain TCP socket, first does not
+// fit a relay buffer, or the loop is unavailable: the caller then dials.
+// err is the failure when every address failed at once (nothing changed
+// either).
+func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, first [][]byte, fromClient int,
+	timeout, idle time.Duration, n [2]*atomic.Int64, counters [2]prometheus.Counter,
+	done func(pairStats, error)) (cut func(), ok bool, err error) {
+	if !connectsInLoop(client) {
+		return nil, false, nil
+	}
+	cc, isTCP := client.(*net.TCPConn)
+	size := 0
+	for _, b := range first {
+		size += len(b)
+	}
+	if !isTCP || size > relayBufSize || len(addrs) == 0 {
+		return nil, false, nil
+	}
+	ls, lerr := startLoops()
+	if lerr != nil || len(ls) == 0 {
+		return nil, false, nil
+	}
+	cfd, derr := dupFD(cc)
+	if derr != nil {
+		return nil, false, nil
+	}
+	ufd, current, rest, cerr := startConnect(addrs)
+	if cerr != nil {
+		unix.Close(cfd)
+		return nil, false, &upstreams.DialError{Kind: metrics.KindDial, Err: fmt.Errorf("dial %s: %w", address, cerr)}
+	}
+	p := &pair{
+		fds:      [2]int{cfd, ufd},
+		idle:     idle,
+		n:        n,
+		counters: counters,
+		done:     done,
+		conn:     &connectState{address: address, addrs: rest, current: current, fromFirst: fromClient},
+	}
+	if size > 0 {
+		bp := relayBufs.Get().(*[]byte)
+		k := 0
+		for _, b := range first {
+			k += copy((*bp)[k:], b)
+		}
+		p.pend[1], p.pendBuf[1] = (*bp)[:k], bp
+	}
+	p.touch()
+	l := ls[loopNext.Add(1)%uint32(len(ls))]
+	cs := p.conn
+	now := time.Now()
+	cs.deadline = now.Add(timeout)
+	cs.timer = time.AfterFunc(time.Duration(math.MaxInt64), func() { l.wake(p) })
+	cs.startAttempt(now)
+	// The upstream is watched for writable (connected) even with nothing
+	// to send; the client is not read until the upstream is connected.
+	if err := l.addWith(p, [2]uint32{0, unix.EPOLLOUT}); err != nil {
+		cs.timer.Stop()
+	}
+	return p.requestCut, true, nil
+}
+
+// connected is called for an event on the upstream socket of a pair still
+// connecting. It returns true when the connect completed (the pair goes on
+// as any other), false when it failed and the next address is being tried,
+// or the pair was closed.
+func (l *eventLoop) connected(p *pair, events uint32) bool {
+	cs := p.conn
+	soErr, err := unix.GetsockoptInt(p.fds[1], unix.SOL_SOCKET, unix.SO_ERROR)
+	if err == nil && soErr == 0 && events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
+		if events&unix.EPOLLOUT == 0 {
+			return false // not yet
+		}
+		cs.timer.Stop()
+		p.conn = nil
+		if cs.fromFirst > 0 {
+			p.n[0].Add(int64(cs.fromFirst))
+			p.counters[0].Add(float64(cs.fromFirst))
+		}
+		p.touch()
+		if p.pend[1] != nil {
+			return l.flush(p, 1) // the first bytes; flush sets both sides' interest
+		}
+		return l.updateInterest(p)
+	}
+	if err == nil && soErr != 0 {
+		err = unix.Errno(soErr)
+	} else if err == nil {
+		err = errors.New("connection failed")
+	}
+	l.retryConnect(p, metrics.KindDial, fmt.Errorf("connect: %w", err))
+	return false
+}
+
+// retryConnect replaces the failed upstream socket with a connect to the
+// next address, or ends the pair with a dial error when none is left.
+func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
+	cs := p.conn
+	if cs.firstErr == nil {
+		cs.firstErr, cs.firstKind = cause, kind
+	}
+	old := p.fds[1]
+	_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, old, nil)
+	l.mu.Lock()
+	delete(l.pairs, int32(old))
+	l.mu.Unlock()
+	_ = unix.Close(old)
+	p.fds[1] = -1
+	now := time.Now()
+	if !now.Before(cs.deadline) {
+		l.failConnect(p, cs.firstKind, cs.firstErr)
+		return
+	}
+	fd, current, rest, err := startConnect(cs.addrs)
+	if err != nil {
+		l.failConnect(p, cs.firstKind, cs.firstErr)
+		return
+	}
+	cs.current, cs.addrs = current, rest
+	cs.startAttempt(now)
+	p.fds[1] = fd
+	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: int32(p.id)}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		l.failConnect(p, metrics.KindDial, fmt.Errorf("epoll_ctl add: %w", err))
+		return
+	}
+	p.interest[1] = unix.EPOLLOUT
+	l.mu.Lock()
+	l.pairs[int32(fd)] = p
+	l.mu.Unlock()
+}
+
+// failConnect ends a pair whose connect failed.
+func (l *eventLoop) failConnect(p *pair, kind string, cause error) {
+	cs := p.conn
+	cs.timer.Stop()
+	l.close(p, &upstreams.DialError{Kind: kind, Err: fmt.Errorf("dial %s: %w", cs.address, cause)})
+}
+
+// connectTimedOut moves p, if it is still connecting and its address's
+// time is up, on to the next address, or ends it (loop goroutine).
+func (l *eventLoop) connectTimedOut(p *pair) {
+	if p.closed || p.conn == nil || time.Now().Before(p.conn.attemptBy) {
+		return // connected, ended, or a timer of an earlier address
+	}
+	l.retryConnect(p, metrics.KindTimeout, errors.New("i/o timeout"))
+}

@@ -1,0 +1,220 @@
+//go:build linux
+
+package handlers
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
+)
+
+// connectPair is a client connected to the proxy's end of it (which the
+// test hands to offloadConnect), as caddy-l4 holds an accepted connection.
+func connectPair(t *testing.T) (client, proxyClient net.Conn) {
+	t.Helper()
+	s := newCutSockets(t)
+	return s.client, s.proxyClient
+}
+
+// closedPort is a loopback address nothing listens on.
+func closedAddrPort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	return ap
+}
+
+// echoAddrPort is a loopback echo server's address.
+func echoAddrPort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); c.Close() }()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// fullBacklog is a loopback address whose listener never accepts and whose
+// accept queue is full: the kernel drops a new SYN, so a connect hangs.
+func fullBacklog(t *testing.T) netip.AddrPort {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port))
+	// fill the queue: connects complete until it is full
+	for range 8 {
+		c, err := net.DialTimeout("tcp", ap.String(), 200*time.Millisecond)
+		if err != nil {
+			return ap
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatal("the accept queue never filled")
+	return ap
+}
+
+type connectResult struct {
+	st  pairStats
+	err error
+}
+
+// startConnectRelay hands proxyClient and addrs to offloadConnect with first
+// pending ("hello", all of it the client's). It returns the result channel,
+// or the synchronous error.
+func startConnectRelay(t *testing.T, proxyClient net.Conn, addrs []netip.AddrPort, timeout time.Duration) (<-chan connectResult, func(), error) {
+	t.Helper()
+	var n [2]atomic.Int64
+	res := make(chan connectResult, 1)
+	cut, ok, err := offloadConnect(proxyClient, "dest.example:443", addrs, [][]byte{[]byte("hel"), []byte("lo")}, 5,
+		timeout, time.Minute, [2]*atomic.Int64{&n[0], &n[1]}, [2]prometheus.Counter{prometheus.NewCounter(prometheus.CounterOpts{Name: "a"}), prometheus.NewCounter(prometheus.CounterOpts{Name: "b"})},
+		func(st pairStats, err error) { res <- connectResult{st, err} })
+	if err != nil {
+		return nil, nil, err
+	}
+	if !ok {
+		t.Fatal("offloadConnect did not take a plain TCP client")
+	}
+	_ = proxyClient.Close() // as caddy-l4 does when the handler returns
+	return res, cut, nil
+}
+
+func waitResult(t *testing.T, res <-chan connectResult) connectResult {
+	t.Helper()
+	select {
+	case r := <-res:
+		return r
+	case <-time.After(10 * time.Second):
+		t.Fatal("the pair did not end")
+		return connectResult{}
+	}
+}
+
+// The loop connects to the first address that answers (a refused one is
+// skipped), sends the first bytes, then relays both ways; the client's first
+// bytes are counted once connected.
+func TestConnectFromLoop(t *testing.T) {
+	client, proxyClient := connectPair(t)
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{closedAddrPort(t), echoAddrPort(t)}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Write([]byte(", world")); err != nil {
+		t.Fatal(err)
+	}
+	_ = client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, len("hello, world"))
+	if _, err := io.ReadFull(client, got); err != nil || !bytes.Equal(got, []byte("hello, world")) {
+		t.Fatalf("echo %q, %v; want the first bytes then the client's", got, err)
+	}
+	_ = client.(*net.TCPConn).CloseWrite()
+	if b, err := io.ReadAll(client); err != nil || len(b) != 0 {
+		t.Fatalf("after the half-close: %q, %v", b, err)
+	}
+	r := waitResult(t, res)
+	if r.err != nil || r.st.toUpstream != 12 || r.st.toClient != 12 {
+		t.Fatalf("ended %+v; want a clean end, 12 bytes each way (the 5 first bytes counted)", r)
+	}
+}
+
+// Every address refused: a dial error naming the destination, whether the
+// refusal came from connect(2) at once or from the loop.
+func TestConnectFromLoopRefused(t *testing.T) {
+	client, proxyClient := connectPair(t)
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{closedAddrPort(t), closedAddrPort(t)}, 5*time.Second)
+	if err == nil {
+		err = waitResult(t, res).err
+		expectEOF(t, client)
+	}
+	var de *upstreams.DialError
+	if !errors.As(err, &de) || de.Kind != metrics.KindDial || err.Error() != "dial dest.example:443: connect: connection refused" {
+		t.Fatalf("error %v (%T), want a dial error: dial dest.example:443: connect: connection refused", err, err)
+	}
+}
+
+// A connect that hangs ends at the timeout with a timeout error, and the
+// client is closed.
+func TestConnectFromLoopTimeout(t *testing.T) {
+	client, proxyClient := connectPair(t)
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{fullBacklog(t)}, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := waitResult(t, res)
+	var de *upstreams.DialError
+	if !errors.As(r.err, &de) || de.Kind != metrics.KindTimeout || !strings.HasPrefix(r.err.Error(), "dial dest.example:443: ") {
+		t.Fatalf("ended %+v, want a timeout dial error", r)
+	}
+	expectEOF(t, client)
+}
+
+// A cut while connecting ends the pair with errCut.
+func TestConnectFromLoopCut(t *testing.T) {
+	client, proxyClient := connectPair(t)
+	res, cut, err := startConnectRelay(t, proxyClient, []netip.AddrPort{fullBacklog(t)}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cut()
+	if r := waitResult(t, res); r.err != errCut {
+		t.Fatalf("ended %+v, want errCut", r)
+	}
+	expectEOF(t, client)
+}
+
+// A silent address gets its share of the time (2s here), then the next one
+// is tried: a black-holed address does not use up the whole timeout.
+func TestConnectFromLoopSilentFirst(t *testing.T) {
+	client, proxyClient := connectPair(t)
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{fullBacklog(t), echoAddrPort(t)}, 4*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = client.SetReadDeadline(time.Now().Add(9 * time.Second))
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(client, got); err != nil || string(got) != "hello" {
+		t.Fatalf("echo %q, %v; want the second address to answer after the first one's share", got, err)
+	}
+	client.Close()
+	if r := waitResult(t, res); r.err != nil && !isClosedByPeer(r.err) {
+		t.Fatalf("ended %+v", r)
+	}
+}
