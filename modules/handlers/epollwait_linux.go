@@ -55,7 +55,7 @@ func newEpollSet() (*epollSet, error) {
 func (s *epollSet) run(events []unix.EpollEvent, handle func([]unix.EpollEvent), interval time.Duration, tick func()) {
 	collect := func(uintptr) bool {
 		for {
-			n, err := unix.EpollWait(s.fd, events, 0)
+			n, err := rawEpollPoll(s.fd, events)
 			if err == unix.EINTR {
 				continue
 			}

@@ -79,34 +79,29 @@ func startConnect(addrs []netip.AddrPort) (fd int, current netip.AddrPort, rest 
 }
 
 func connectTo(ap netip.AddrPort) (int, error) {
-	var sa unix.Sockaddr
-	family := unix.AF_INET
-	if ap.Addr().Is4() {
-		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	} else {
+	family, scope := unix.AF_INET, uint32(0)
+	if !ap.Addr().Is4() {
 		family = unix.AF_INET6
-		sa6 := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 		if z := ap.Addr().Zone(); z != "" {
 			if ifi, err := net.InterfaceByName(z); err == nil {
-				sa6.ZoneId = uint32(ifi.Index)
+				scope = uint32(ifi.Index)
 			}
 		}
-		sa = sa6
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	fd, err := rawSocket(family)
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
 	}
 	// as Go's net package: small writes (chat frames) go out at once
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	_ = rawSetNoDelay(fd)
 	for {
-		err = unix.Connect(fd, sa)
+		err = rawConnect(fd, ap, scope)
 		if err != unix.EINTR {
 			break
 		}
 	}
 	if err != nil && err != unix.EINPROGRESS {
-		unix.Close(fd)
+		_ = rawClose(fd)
 		return -1, fmt.Errorf("connect: %w", err)
 	}
 	return fd, nil
@@ -193,7 +188,7 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 // or the pair was closed.
 func (l *eventLoop) connected(p *pair, events uint32) bool {
 	cs := p.conn
-	soErr, err := unix.GetsockoptInt(p.fds[1], unix.SOL_SOCKET, unix.SO_ERROR)
+	soErr, err := rawSoError(p.fds[1])
 	if err == nil && soErr == 0 && events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 		if events&unix.EPOLLOUT == 0 {
 			return false // not yet
@@ -227,11 +222,11 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 		cs.firstErr, cs.firstKind = cause, kind
 	}
 	old := p.fds[1]
-	_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, old, nil)
+	_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, old, nil)
 	l.mu.Lock()
 	delete(l.pairs, int32(old))
 	l.mu.Unlock()
-	_ = unix.Close(old)
+	_ = rawClose(old)
 	p.fds[1] = -1
 	now := time.Now()
 	if !now.Before(cs.deadline) {
@@ -247,7 +242,7 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 	cs.startAttempt(now)
 	p.fds[1] = fd
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: int32(p.id)}
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		l.failConnect(p, metrics.KindDial, fmt.Errorf("epoll_ctl add: %w", err))
 		return
 	}

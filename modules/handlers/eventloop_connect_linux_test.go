@@ -41,9 +41,12 @@ func closedAddrPort(t *testing.T) netip.AddrPort {
 }
 
 // echoAddrPort is a loopback echo server's address.
-func echoAddrPort(t *testing.T) netip.AddrPort {
+func echoAddrPort(t *testing.T) netip.AddrPort { return echoOn(t, "127.0.0.1:0") }
+
+// echoOn is the address of an echo server listening on addr.
+func echoOn(t *testing.T, addr string) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,6 +155,29 @@ func TestConnectFromLoop(t *testing.T) {
 	r := waitResult(t, res)
 	if r.err != nil || r.st.toUpstream != 12 || r.st.toClient != 12 {
 		t.Fatalf("ended %+v; want a clean end, 12 bytes each way (the 5 first bytes counted)", r)
+	}
+}
+
+// IPv6: the loop builds its own socket addresses.
+func TestConnectFromLoopIPv6(t *testing.T) {
+	if ln, err := net.Listen("tcp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	} else {
+		ln.Close()
+	}
+	client, proxyClient := connectPair(t)
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{echoOn(t, "[::1]:0")}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(client, got); err != nil || string(got) != "hello" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+	client.Close()
+	if r := waitResult(t, res); r.err != nil && !isClosedByPeer(r.err) {
+		t.Fatalf("ended %+v", r)
 	}
 }
 

@@ -232,11 +232,11 @@ func (l *eventLoop) addWith(p *pair, interest [2]uint32) error {
 	p.interest = interest
 	for i, fd := range p.fds {
 		ev := unix.EpollEvent{Events: p.interest[i], Fd: int32(fd), Pad: int32(p.id)}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			p.closed = true
 			for _, fd := range p.fds {
-				_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-				_ = unix.Close(fd)
+				_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+				_ = rawClose(fd)
 			}
 			err = fmt.Errorf("epoll_ctl add: %w", err)
 			p.done(pairStats{toUpstream: p.n[0].Load(), toClient: p.n[1].Load()}, err)
@@ -363,7 +363,7 @@ func (l *eventLoop) read(p *pair, s int) bool {
 	case n == 0: // EOF: pass the half-close on
 		relayBufs.Put(bp)
 		p.eof[s] = true
-		_ = unix.Shutdown(p.fds[d], unix.SHUT_WR)
+		_ = rawShutdownWrite(p.fds[d])
 		if p.eof[d] {
 			l.close(p, nil)
 			return false
@@ -420,7 +420,7 @@ func (l *eventLoop) updateInterest(p *pair) bool {
 			continue
 		}
 		ev := unix.EpollEvent{Events: want, Fd: int32(p.fds[i]), Pad: int32(p.id)}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, p.fds[i], &ev); err != nil {
+		if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_MOD, p.fds[i], &ev); err != nil {
 			l.close(p, fmt.Errorf("epoll_ctl mod: %w", err))
 			return false
 		}
@@ -448,8 +448,8 @@ func (l *eventLoop) close(p *pair, err error) {
 	}
 	for i, fd := range p.fds {
 		if fd >= 0 {
-			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-			_ = unix.Close(fd)
+			_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			_ = rawClose(fd)
 		}
 		if p.pendBuf[i] != nil {
 			relayBufs.Put(p.pendBuf[i])
@@ -463,7 +463,7 @@ func (l *eventLoop) close(p *pair, err error) {
 
 func readFD(fd int, b []byte) (int, error) {
 	for {
-		n, err := unix.Read(fd, b)
+		n, err := rawRead(fd, b)
 		if err != unix.EINTR {
 			return n, err
 		}
@@ -472,7 +472,7 @@ func readFD(fd int, b []byte) (int, error) {
 
 func writeFD(fd int, b []byte) (int, error) {
 	for {
-		n, err := unix.Write(fd, b)
+		n, err := rawWrite(fd, b)
 		if err != unix.EINTR {
 			return n, err
 		}
