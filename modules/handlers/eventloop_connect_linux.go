@@ -111,7 +111,7 @@ func connectTo(ap netip.AddrPort) (int, error) {
 // TCP socket, with the event loop in use).
 func connectsInLoop(client net.Conn) bool {
 	_, ok := client.(*net.TCPConn)
-	return ok && relayMode == ""
+	return ok && loopEnabled()
 }
 
 // offloadConnect connects to addrs (in order, until one succeeds, within
@@ -158,6 +158,7 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 		counters: counters,
 		done:     done,
 		conn:     &connectState{address: address, addrs: rest, current: current, fromFirst: fromClient},
+		splice:   relayMode == "splice",
 	}
 	if size > 0 {
 		bp := relayBufs.Get().(*[]byte)

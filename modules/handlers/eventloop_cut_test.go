@@ -41,9 +41,10 @@ func newCutSockets(t *testing.T) cutSockets {
 	return s
 }
 
-// relayModes runs f with the event loop and with the goroutine relay.
+// relayModes runs f with the event loop (read/write and splice) and with
+// the goroutine relay.
 func relayModes(t *testing.T, f func(t *testing.T)) {
-	for _, mode := range []string{"", "goroutine"} {
+	for _, mode := range []string{"", "splice", "goroutine"} {
 		name := "eventloop"
 		if mode != "" {
 			name = mode

@@ -80,7 +80,7 @@ func offload(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, 
 // sockets or the loop is unavailable; the caller then relays itself.
 func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
 	done func(pairStats, error)) (cut func(), ok bool) {
-	if relayMode != "" {
+	if !loopEnabled() {
 		return nil, false
 	}
 	cc, ok1 := client.(*net.TCPConn)
@@ -108,6 +108,7 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 		n:        n,
 		counters: [2]prometheus.Counter{fromClient, fromUpstream},
 		done:     done,
+		splice:   relayMode == "splice",
 	}
 	p.touch()
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
@@ -143,6 +144,7 @@ type eventLoop struct {
 	nextID uint32
 	cuts   []*pair // pairs cut from other goroutines, closed by the loop (under mu)
 	late   []*pair // pairs whose connect timed out (under mu)
+	pipes  []kpipe // empty pipes for splice (loop goroutine only)
 }
 
 func newEventLoop() (*eventLoop, error) {
@@ -308,7 +310,10 @@ type pair struct {
 	done       func(pairStats, error)
 	closed     bool          // loop goroutine only
 	conn       *connectState // the upstream's connect, while in progress (see offloadConnect)
-	cut        atomic.Bool   // requestCut was called
+	splice     bool          // move bytes with splice(2) (WAPROXY_RELAY=splice when the pair was made)
+	pipe       [2]kpipe      // with splice: the pipe holding pipeLen[i] bytes for fds[i]
+	pipeLen    [2]int
+	cut        atomic.Bool // requestCut was called
 }
 
 func (p *pair) touch() { p.lastActive.Store(time.Now().UnixNano()) }
@@ -327,6 +332,12 @@ func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
 	if events&unix.EPOLLOUT != 0 && p.pend[s] != nil {
 		acted = true
 		if !l.flush(p, s) {
+			return
+		}
+	}
+	if events&unix.EPOLLOUT != 0 && p.pipeLen[s] > 0 {
+		acted = true
+		if !l.flushPipe(p, s) {
 			return
 		}
 	}
@@ -349,6 +360,10 @@ func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
 // read moves one chunk from fds[s] to the other side. It returns false when
 // the pair was closed.
 func (l *eventLoop) read(p *pair, s int) bool {
+	if p.splice {
+		_, alive := l.spliceChunk(p, s)
+		return alive
+	}
 	d := 1 - s
 	bp := relayBufs.Get().(*[]byte)
 	n, err := readFD(p.fds[s], *bp)
@@ -410,10 +425,10 @@ func (l *eventLoop) flush(p *pair, d int) bool {
 func (l *eventLoop) updateInterest(p *pair) bool {
 	for i := range 2 {
 		var want uint32
-		if !p.eof[i] && p.pend[1-i] == nil {
+		if !p.eof[i] && p.pend[1-i] == nil && p.pipeLen[1-i] == 0 {
 			want |= unix.EPOLLIN
 		}
-		if p.pend[i] != nil {
+		if p.pend[i] != nil || p.pipeLen[i] > 0 {
 			want |= unix.EPOLLOUT
 		}
 		if want == p.interest[i] {
@@ -454,6 +469,10 @@ func (l *eventLoop) close(p *pair, err error) {
 		if p.pendBuf[i] != nil {
 			relayBufs.Put(p.pendBuf[i])
 			p.pend[i], p.pendBuf[i] = nil, nil
+		}
+		if p.pipeLen[i] > 0 {
+			p.pipe[i].close()
+			p.pipeLen[i] = 0
 		}
 	}
 	if p.done != nil {
@@ -651,7 +670,7 @@ type tlsPair struct {
 // nothing changed, when the connections are not of that shape.
 func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int64, fromClient, fromUpstream prometheus.Counter,
 	done func(pairStats, error)) (cut func(), ok bool) {
-	if relayMode != "" {
+	if !loopEnabled() {
 		return nil, false
 	}
 	tc, ok1 := client.(*tls.Conn)
