@@ -162,10 +162,16 @@ type EchoServer struct {
 	wg     sync.WaitGroup
 }
 
-// StartEcho starts an EchoServer that stops when the test ends.
+// StartEcho starts an EchoServer on 127.0.0.1 that stops when the test ends.
 func StartEcho(t testing.TB) *EchoServer {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return StartEchoOn(t, "127.0.0.1:0")
+}
+
+// StartEchoOn is StartEcho listening on addr (say "[::1]:0").
+func StartEchoOn(t testing.TB, addr string) *EchoServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

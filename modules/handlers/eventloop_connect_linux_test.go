@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
@@ -46,21 +47,7 @@ func echoAddrPort(t *testing.T) netip.AddrPort { return echoOn(t, "127.0.0.1:0")
 // echoOn is the address of an echo server listening on addr.
 func echoOn(t *testing.T, addr string) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return netip.MustParseAddrPort(ln.Addr().String())
+	return netip.MustParseAddrPort(testutil.StartEchoOn(t, addr).Addr)
 }
 
 // fullBacklog is a loopback address whose listener never accepts and whose

@@ -375,19 +375,11 @@ func (l *eventLoop) read(p *pair, s int) bool {
 		relayBufs.Put(bp)
 		l.close(p, err)
 		return false
-	case n == 0: // EOF: pass the half-close on
+	case n == 0:
 		relayBufs.Put(bp)
-		p.eof[s] = true
-		_ = rawShutdownWrite(p.fds[d])
-		if p.eof[d] {
-			l.close(p, nil)
-			return false
-		}
-		return l.updateInterest(p)
+		return l.ended(p, s)
 	}
-	p.touch()
-	p.n[s].Add(int64(n))
-	p.counters[s].Add(float64(n))
+	p.moved(s, n)
 	w, err := writeFD(p.fds[d], (*bp)[:n])
 	if err != nil && err != unix.EAGAIN {
 		relayBufs.Put(bp)
@@ -401,6 +393,26 @@ func (l *eventLoop) read(p *pair, s int) bool {
 	// the destination is full: keep the rest, stop reading until it drains
 	p.pend[d], p.pendBuf[d] = (*bp)[max(w, 0):n], bp
 	return l.updateInterest(p)
+}
+
+// ended passes an EOF read from fds[s] on to the other side (half-close),
+// and closes the pair once both sides have ended. It returns false when the
+// pair was closed.
+func (l *eventLoop) ended(p *pair, s int) bool {
+	p.eof[s] = true
+	_ = rawShutdownWrite(p.fds[1-s])
+	if p.eof[1-s] {
+		l.close(p, nil)
+		return false
+	}
+	return l.updateInterest(p)
+}
+
+// moved counts n bytes read from fds[s].
+func (p *pair) moved(s, n int) {
+	p.touch()
+	p.n[s].Add(int64(n))
+	p.counters[s].Add(float64(n))
 }
 
 // flush writes pending bytes to fds[d]. It returns false when the pair was closed.

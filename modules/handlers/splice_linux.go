@@ -85,19 +85,11 @@ func (l *eventLoop) spliceChunk(p *pair, s int) (more, alive bool) {
 		l.putPipe(pp)
 		l.close(p, err)
 		return false, false
-	case n == 0: // EOF: pass the half-close on
+	case n == 0:
 		l.putPipe(pp)
-		p.eof[s] = true
-		_ = rawShutdownWrite(p.fds[d])
-		if p.eof[d] {
-			l.close(p, nil)
-			return false, false
-		}
-		return false, l.updateInterest(p)
+		return false, l.ended(p, s)
 	}
-	p.touch()
-	p.n[s].Add(int64(n))
-	p.counters[s].Add(float64(n))
+	p.moved(s, n)
 	w, err := rawSplice(pp.r, p.fds[d], n)
 	if err != nil && err != unix.EAGAIN {
 		pp.close() // not empty: not reusable
