@@ -64,11 +64,13 @@ type relayPath struct {
 	start func(tb testing.TB, proxyClient, proxyUpstream *net.TCPConn) (stop func())
 }
 
-// relayPaths are the relay's three paths: the event loop, the goroutine
-// relay on raw sockets (waiting in the netpoller without a buffer), and the
-// goroutine relay's copy loop for a wrapped client connection.
+// relayPaths are the relay's paths: the event loop (read/write, and splice
+// with WAPROXY_RELAY=splice), the goroutine relay on raw sockets (waiting in
+// the netpoller without a buffer), and the goroutine relay's copy loop for a
+// wrapped client connection.
 var relayPaths = []relayPath{
-	{"eventloop", startEventLoop},
+	{"eventloop", func(tb testing.TB, c, u *net.TCPConn) func() { return startEventLoop(tb, "", c, u) }},
+	{"eventloop_splice", func(tb testing.TB, c, u *net.TCPConn) func() { return startEventLoop(tb, "splice", c, u) }},
 	{"goroutine", func(tb testing.TB, c, u *net.TCPConn) func() { return startGoroutineRelay(tb, c, c, u) }},
 	{"goroutine_wrapped", func(tb testing.TB, c, u *net.TCPConn) func() {
 		return startGoroutineRelay(tb, wrappedConn{c}, wrappedConn{c}, u)
@@ -85,10 +87,10 @@ func newCounters() (a, b prometheus.Counter) {
 // startEventLoop hands the proxy's two sockets to the event loop, as
 // wa_proxy does after dialling. The stop function waits until the loop has
 // closed the pair.
-func startEventLoop(tb testing.TB, proxyClient, proxyUpstream *net.TCPConn) func() {
+func startEventLoop(tb testing.TB, mode string, proxyClient, proxyUpstream *net.TCPConn) func() {
 	tb.Helper()
 	saved := relayMode
-	relayMode = "" // WAPROXY_RELAY=goroutine (a CI pass) must not skip this path
+	relayMode = mode // WAPROXY_RELAY=goroutine (a CI pass) must not skip this path
 	defer func() { relayMode = saved }()
 	sent, received := newCounters()
 	ended := make(chan error, 1)

@@ -32,6 +32,9 @@ const (
 	maxDirectAllowAllocs    = 25
 	maxSOCKS5DialAllocs     = 23
 	maxSOCKS5AuthDialAllocs = 23
+	// Resolve of an IP address (what wa_proxy's event loop connects to):
+	// the returned slice, with or without an allowlist.
+	maxResolveAllocs = 1
 )
 
 // backlogListener is a loopback listener that does not accept until drain:
@@ -125,6 +128,28 @@ func TestDirectDialAllocs(t *testing.T) {
 	actx, cancel := dialAllowCtx(t, "127.0.0.1")
 	defer cancel()
 	checkAllocs(t, "direct, allowlist in the context", allocsPerDial(t, d, actx, addr, 50, drain), maxDirectAllowAllocs)
+}
+
+// TestDirectResolveAllocs pins Resolve for an IP address, the event loop's
+// connect's only dialer call.
+func TestDirectResolveAllocs(t *testing.T) {
+	d := provisionDialer(t, new(Direct))
+	actx, cancel := dialAllowCtx(t, "127.0.0.1")
+	defer cancel()
+	for _, tc := range []struct {
+		what string
+		ctx  context.Context
+	}{{"resolve", context.Background()}, {"resolve, allowlist in the context", actx}} {
+		got := testing.AllocsPerRun(200, func() {
+			if addrs, err := d.Resolve(tc.ctx, "tcp", "127.0.0.1:5222"); err != nil || len(addrs) != 1 {
+				t.Fatalf("resolve: %v, %v", addrs, err)
+			}
+		})
+		t.Logf("%s: %.1f allocations per call (at most %d)", tc.what, got, maxResolveAllocs)
+		if !testutil.RaceEnabled && got > maxResolveAllocs {
+			t.Errorf("%s: %.1f allocations per call, want at most %d", tc.what, got, maxResolveAllocs)
+		}
+	}
 }
 
 // TestSOCKS5DialAllocs pins a SOCKS5 dial's allocations against microsocks

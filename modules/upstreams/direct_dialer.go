@@ -151,7 +151,7 @@ func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip
 		}
 		ap := netip.AddrPortFrom(ip, uint16(port))
 		if allow != nil {
-			if err := checkResolved(allow, ap.String()); err != nil {
+			if err := checkResolvedAddr(allow, ip); err != nil {
 				refused = cmp.Or(refused, err)
 				continue
 			}
@@ -184,9 +184,15 @@ func checkResolved(allow *Allowlist, addr string) error {
 	if err != nil {
 		return fmt.Errorf("address %q: %v", addr, err)
 	}
-	if !allow.AllowsResolved(ap.Addr()) {
-		name, _ := InternalRange(ap.Addr())
-		return &internalAddrError{addr: ap.Addr().Unmap(), rangeName: name}
+	return checkResolvedAddr(allow, ap.Addr())
+}
+
+// checkResolvedAddr refuses an internal address the allowlist does not
+// reach.
+func checkResolvedAddr(allow *Allowlist, ip netip.Addr) error {
+	if !allow.AllowsResolved(ip) {
+		name, _ := InternalRange(ip)
+		return &internalAddrError{addr: ip.Unmap(), rangeName: name}
 	}
 	return nil
 }
