@@ -5,7 +5,6 @@ package handlers
 import (
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -41,20 +40,25 @@ type connectState struct {
 	firstKind string // its errors_total kind
 	fromFirst int    // the client's bytes among the pending first bytes
 	deadline  time.Time
-	attemptBy time.Time // the current address's share of the time
-	timer     *time.Timer
+	attemptBy time.Time   // the current address's share of the time
+	timer     *time.Timer // made by the first startAttempt
 }
 
 // startAttempt gives the address just tried its share of the time left, as
 // Go's net.Dialer does: an equal share per address left, at least 2s while
 // there is that much (a silent address does not use up the others' time).
-func (cs *connectState) startAttempt(now time.Time) {
+// The timer calls expired when the share has passed.
+func (cs *connectState) startAttempt(now time.Time, expired func()) {
 	left := cs.deadline.Sub(now)
 	share := left / time.Duration(1+len(cs.addrs))
 	if share < 2*time.Second {
 		share = min(left, 2*time.Second)
 	}
 	cs.attemptBy = now.Add(share)
+	if cs.timer == nil {
+		cs.timer = time.AfterFunc(share, expired)
+		return
+	}
 	cs.timer.Reset(share)
 }
 
@@ -170,16 +174,12 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 	}
 	p.touch()
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
-	cs := p.conn
-	now := time.Now()
-	cs.deadline = now.Add(timeout)
-	cs.timer = time.AfterFunc(time.Duration(math.MaxInt64), func() { l.wake(p) })
-	cs.startAttempt(now)
+	p.conn.deadline = time.Now().Add(timeout)
 	// The upstream is watched for writable (connected) even with nothing
 	// to send; the client is not read until the upstream is connected.
-	if err := l.addWith(p, [2]uint32{0, unix.EPOLLOUT}); err != nil {
-		cs.timer.Stop()
-	}
+	// addWith starts the connect timer; from then on the pair is the
+	// loop's (if the add fails, the pair is closed and done has run).
+	_ = l.addWith(p, [2]uint32{0, unix.EPOLLOUT})
 	return p.requestCut, true, nil
 }
 
@@ -240,7 +240,7 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 		return
 	}
 	cs.current, cs.addrs = current, rest
-	cs.startAttempt(now)
+	cs.startAttempt(now, nil) // the timer exists: it keeps its function
 	p.fds[1] = fd
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: int32(p.id)}
 	if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -256,7 +256,6 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 // failConnect ends a pair whose connect failed.
 func (l *eventLoop) failConnect(p *pair, kind string, cause error) {
 	cs := p.conn
-	cs.timer.Stop()
 	l.close(p, &upstreams.DialError{Kind: kind, Err: fmt.Errorf("dial %s: %w", cs.address, cause)})
 }
 

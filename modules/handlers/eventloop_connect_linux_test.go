@@ -231,3 +231,22 @@ func TestConnectFromLoopSilentFirst(t *testing.T) {
 		t.Fatalf("ended %+v", r)
 	}
 }
+
+// No time left (the name's resolution used it up): the connect timer fires
+// at once, while the pair is being registered, and still ends it cleanly
+// with a timeout.
+func TestConnectFromLoopNoTimeLeft(t *testing.T) {
+	for range 20 {
+		client, proxyClient := connectPair(t)
+		res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{fullBacklog(t)}, -time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := waitResult(t, res)
+		var de *upstreams.DialError
+		if !errors.As(r.err, &de) || de.Kind != metrics.KindTimeout {
+			t.Fatalf("ended %+v, want a timeout dial error", r)
+		}
+		expectEOF(t, client)
+	}
+}

@@ -246,6 +246,12 @@ func (l *eventLoop) addWith(p *pair, interest [2]uint32) error {
 		}
 	}
 	l.mu.Lock()
+	if p.conn != nil {
+		// The connect timer starts with the pair registered, under the
+		// lock the loop takes before it touches the pair: a timer that
+		// fires at once finds the pair complete.
+		p.conn.startAttempt(time.Now(), func() { l.wake(p) })
+	}
 	l.pairs[int32(p.fds[0])] = p
 	l.pairs[int32(p.fds[1])] = p
 	l.mu.Unlock()
@@ -470,7 +476,7 @@ func (l *eventLoop) close(p *pair, err error) {
 		}
 	}
 	l.mu.Unlock()
-	if p.conn != nil {
+	if p.conn != nil && p.conn.timer != nil {
 		p.conn.timer.Stop()
 	}
 	for i, fd := range p.fds {
