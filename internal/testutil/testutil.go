@@ -99,19 +99,17 @@ func (c *Caddy) Load(t testing.TB, cfg string) {
 	}
 }
 
-// Metrics returns the admin endpoint's /metrics text.
+// Metrics returns the admin endpoint's /metrics text. It scrapes through
+// AdminDo (a fresh connection, sent again if no server read it): a test may
+// scrape while a reload replaces the admin server, which resets kept-alive
+// connections.
 func (c *Caddy) Metrics(t testing.TB) string {
 	t.Helper()
-	resp, err := http.Get("http://" + c.Admin + "/metrics")
-	if err != nil {
-		t.Fatalf("scraping metrics: %v", err)
+	status, body, err := c.AdminDo(http.MethodGet, "/metrics", nil)
+	if err != nil || status != http.StatusOK {
+		t.Fatalf("scraping metrics: status %d, %v", status, err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("scraping metrics: status %d, %v", resp.StatusCode, err)
-	}
-	return string(body)
+	return body
 }
 
 // Metric returns the value of the sample named series (for example
