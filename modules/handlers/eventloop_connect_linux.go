@@ -35,10 +35,9 @@ import (
 type connectState struct {
 	address   string           // the destination as configured, for messages
 	addrs     []netip.AddrPort // what is left to try after the current one
-	current   netip.AddrPort
-	firstErr  error  // the first address's failure, reported if all fail
-	firstKind string // its errors_total kind
-	fromFirst int    // the client's bytes among the pending first bytes
+	firstErr  error            // the first address's failure, reported if all fail
+	firstKind string           // its errors_total kind
+	fromFirst int              // the client's bytes among the pending first bytes
 	deadline  time.Time
 	attemptBy time.Time   // the current address's share of the time
 	timer     *time.Timer // made by the first startAttempt
@@ -65,12 +64,12 @@ func (cs *connectState) startAttempt(now time.Time, expired func()) {
 // startConnect creates a non-blocking socket and connects it to the first
 // address that does not fail at once. It returns the socket and the
 // addresses not tried yet, or the first failure when every address failed.
-func startConnect(addrs []netip.AddrPort) (fd int, current netip.AddrPort, rest []netip.AddrPort, err error) {
+func startConnect(addrs []netip.AddrPort) (fd int, rest []netip.AddrPort, err error) {
 	var first error
 	for i, ap := range addrs {
 		fd, err := connectTo(ap)
 		if err == nil {
-			return fd, ap, addrs[i+1:], nil
+			return fd, addrs[i+1:], nil
 		}
 		if first == nil {
 			first = err
@@ -79,7 +78,7 @@ func startConnect(addrs []netip.AddrPort) (fd int, current netip.AddrPort, rest 
 	if first == nil {
 		first = errors.New("no address to connect to")
 	}
-	return -1, netip.AddrPort{}, nil, first
+	return -1, nil, first
 }
 
 func connectTo(ap netip.AddrPort) (int, error) {
@@ -124,22 +123,18 @@ func connectsInLoop(client net.Conn) bool {
 // the client's (counted when they go out). done runs once when the pair
 // ends: with a *upstreams.DialError (kind dial or timeout) when no address
 // could be connected to, else as for offloadCuttable. ok is false, with
-// nothing changed, when client is not a plain TCP socket, first does not
-// fit a relay buffer, or the loop is unavailable: the caller then dials.
-// err is the failure when every address failed at once (nothing changed
-// either).
+// nothing changed, when connectsInLoop(client) is false, first does not fit
+// a relay buffer, or the loop is unavailable: the caller then dials. err is
+// the failure when every address failed at once (nothing changed either).
 func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, first [][]byte, fromClient int,
 	timeout, idle time.Duration, n [2]*atomic.Int64, counters [2]prometheus.Counter,
 	done func(pairStats, error)) (cut func(), ok bool, err error) {
-	if !connectsInLoop(client) {
-		return nil, false, nil
-	}
 	cc, isTCP := client.(*net.TCPConn)
 	size := 0
 	for _, b := range first {
 		size += len(b)
 	}
-	if !isTCP || size > relayBufSize || len(addrs) == 0 {
+	if !isTCP || !loopEnabled() || size > relayBufSize || len(addrs) == 0 {
 		return nil, false, nil
 	}
 	ls, lerr := startLoops()
@@ -150,20 +145,13 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 	if derr != nil {
 		return nil, false, nil
 	}
-	ufd, current, rest, cerr := startConnect(addrs)
+	ufd, rest, cerr := startConnect(addrs)
 	if cerr != nil {
 		unix.Close(cfd)
 		return nil, false, &upstreams.DialError{Kind: metrics.KindDial, Err: fmt.Errorf("dial %s: %w", address, cerr)}
 	}
-	p := &pair{
-		fds:      [2]int{cfd, ufd},
-		idle:     idle,
-		n:        n,
-		counters: counters,
-		done:     done,
-		conn:     &connectState{address: address, addrs: rest, current: current, fromFirst: fromClient},
-		splice:   relayMode == "splice",
-	}
+	p := newPair(cfd, ufd, idle, n, counters, done)
+	p.connecting = &connectState{address: address, addrs: rest, fromFirst: fromClient, deadline: time.Now().Add(timeout)}
 	if size > 0 {
 		bp := relayBufs.Get().(*[]byte)
 		k := 0
@@ -172,9 +160,7 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 		}
 		p.pend[1], p.pendBuf[1] = (*bp)[:k], bp
 	}
-	p.touch()
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
-	p.conn.deadline = time.Now().Add(timeout)
 	// The upstream is watched for writable (connected) even with nothing
 	// to send; the client is not read until the upstream is connected.
 	// addWith starts the connect timer; from then on the pair is the
@@ -188,14 +174,14 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 // as any other), false when it failed and the next address is being tried,
 // or the pair was closed.
 func (l *eventLoop) connected(p *pair, events uint32) bool {
-	cs := p.conn
+	cs := p.connecting
 	soErr, err := rawSoError(p.fds[1])
 	if err == nil && soErr == 0 && events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 		if events&unix.EPOLLOUT == 0 {
 			return false // not yet
 		}
 		cs.timer.Stop()
-		p.conn = nil
+		p.connecting = nil
 		if cs.fromFirst > 0 {
 			p.n[0].Add(int64(cs.fromFirst))
 			p.counters[0].Add(float64(cs.fromFirst))
@@ -218,7 +204,7 @@ func (l *eventLoop) connected(p *pair, events uint32) bool {
 // retryConnect replaces the failed upstream socket with a connect to the
 // next address, or ends the pair with a dial error when none is left.
 func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
-	cs := p.conn
+	cs := p.connecting
 	if cs.firstErr == nil {
 		cs.firstErr, cs.firstKind = cause, kind
 	}
@@ -234,12 +220,12 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 		l.failConnect(p, cs.firstKind, cs.firstErr)
 		return
 	}
-	fd, current, rest, err := startConnect(cs.addrs)
+	fd, rest, err := startConnect(cs.addrs)
 	if err != nil {
 		l.failConnect(p, cs.firstKind, cs.firstErr)
 		return
 	}
-	cs.current, cs.addrs = current, rest
+	cs.addrs = rest
 	cs.startAttempt(now, nil) // the timer exists: it keeps its function
 	p.fds[1] = fd
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: int32(p.id)}
@@ -255,14 +241,14 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 
 // failConnect ends a pair whose connect failed.
 func (l *eventLoop) failConnect(p *pair, kind string, cause error) {
-	cs := p.conn
+	cs := p.connecting
 	l.close(p, &upstreams.DialError{Kind: kind, Err: fmt.Errorf("dial %s: %w", cs.address, cause)})
 }
 
 // connectTimedOut moves p, if it is still connecting and its address's
 // time is up, on to the next address, or ends it (loop goroutine).
 func (l *eventLoop) connectTimedOut(p *pair) {
-	if p.closed || p.conn == nil || time.Now().Before(p.conn.attemptBy) {
+	if p.closed || p.connecting == nil || time.Now().Before(p.connecting.attemptBy) {
 		return // connected, ended, or a timer of an earlier address
 	}
 	l.retryConnect(p, metrics.KindTimeout, errors.New("i/o timeout"))

@@ -4,6 +4,8 @@ package handlers
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
@@ -249,4 +252,44 @@ func TestConnectFromLoopNoTimeLeft(t *testing.T) {
 		}
 		expectEOF(t, client)
 	}
+}
+
+// wa_proxy with the direct dialer and a plain client hands the connect to
+// the event loop: Handle returns while the connect is still pending (a
+// destination whose accept queue is full never answers the SYN), where a
+// dial would hold caddy-l4's goroutine until connect_timeout. The pair
+// then ends at that timeout, counted as errors_total{kind="timeout"}, and
+// the client's connection is closed.
+func TestProxyHandlerConnectsFromLoop(t *testing.T) {
+	if !loopEnabled() {
+		t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")
+	}
+	dest := fullBacklog(t)
+	h := new(Handler)
+	if err := json.Unmarshal([]byte(`{"destination":"`+dest.String()+`","allow":["127.0.0.1"],"connect_timeout":"5s"}`), h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cx, client := limitPair(t, limitListen(t))
+	timeouts := limitErrors(metrics.KindTimeout)
+	returned := make(chan error, 1)
+	go func() { returned <- h.Handle(cx, nil) }()
+	select {
+	case err := <-returned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(3 * time.Second): // well inside connect_timeout
+		t.Fatal("Handle waited for the connect: the event loop did not take it")
+	}
+	_ = cx.Close() // as caddy-l4 does when the handler returns
+	expectEOF(t, client)
+	// the loop closes the sockets, then reports (and counts)
+	testutil.WaitFor(t, 5*time.Second, "errors_total{kind=timeout} to grow by 1", func() bool {
+		return limitErrors(metrics.KindTimeout)-timeouts == 1
+	})
 }

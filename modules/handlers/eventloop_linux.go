@@ -102,20 +102,27 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 		return nil, false
 	}
 	_ = upstream.Close() // the duplicate keeps the socket; Go's poller lets go of it
-	p := &pair{
-		fds:      [2]int{cfd, ufd},
-		idle:     idle,
-		n:        n,
-		counters: [2]prometheus.Counter{fromClient, fromUpstream},
-		done:     done,
-		splice:   relayMode == "splice",
-	}
-	p.touch()
+	p := newPair(cfd, ufd, idle, n, [2]prometheus.Counter{fromClient, fromUpstream}, done)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
 	// If add fails, the pair is closed and done has been called: cut is
 	// then a no-op.
 	_ = l.add(p)
 	return p.requestCut, true
+}
+
+// newPair is the pair of the client's socket cfd and the upstream's ufd,
+// with the relay mode of the moment (WAPROXY_RELAY=splice or not).
+func newPair(cfd, ufd int, idle time.Duration, n [2]*atomic.Int64, counters [2]prometheus.Counter, done func(pairStats, error)) *pair {
+	p := &pair{
+		fds:      [2]int{cfd, ufd},
+		idle:     idle,
+		n:        n,
+		counters: counters,
+		done:     done,
+		splice:   relayMode == "splice",
+	}
+	p.touch()
+	return p
 }
 
 // dupFD duplicates a connection's socket (close-on-exec). The duplicate
@@ -246,11 +253,11 @@ func (l *eventLoop) addWith(p *pair, interest [2]uint32) error {
 		}
 	}
 	l.mu.Lock()
-	if p.conn != nil {
+	if p.connecting != nil {
 		// The connect timer starts with the pair registered, under the
 		// lock the loop takes before it touches the pair: a timer that
 		// fires at once finds the pair complete.
-		p.conn.startAttempt(time.Now(), func() { l.wake(p) })
+		p.connecting.startAttempt(time.Now(), func() { l.wake(p) })
 	}
 	l.pairs[int32(p.fds[0])] = p
 	l.pairs[int32(p.fds[1])] = p
@@ -315,7 +322,7 @@ type pair struct {
 	lastActive atomic.Int64
 	done       func(pairStats, error)
 	closed     bool          // loop goroutine only
-	conn       *connectState // the upstream's connect, while in progress (see offloadConnect)
+	connecting *connectState // the upstream's connect, while in progress (see offloadConnect)
 	splice     bool          // move bytes with splice(2) (WAPROXY_RELAY=splice when the pair was made)
 	pipe       [2]kpipe      // with splice: the pipe holding pipeLen[i] bytes for fds[i]
 	pipeLen    [2]int
@@ -330,7 +337,7 @@ func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
 	if int(fd) == p.fds[1] {
 		s = 1
 	}
-	if s == 1 && p.conn != nil {
+	if s == 1 && p.connecting != nil {
 		l.connected(p, events)
 		return
 	}
@@ -476,8 +483,8 @@ func (l *eventLoop) close(p *pair, err error) {
 		}
 	}
 	l.mu.Unlock()
-	if p.conn != nil && p.conn.timer != nil {
-		p.conn.timer.Stop()
+	if p.connecting != nil && p.connecting.timer != nil {
+		p.connecting.timer.Stop()
 	}
 	for i, fd := range p.fds {
 		if fd >= 0 {
@@ -518,7 +525,7 @@ func writeFD(fd int, b []byte) (int, error) {
 
 // sockError returns the pending error of a socket (SO_ERROR).
 func sockError(fd int) error {
-	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	v, err := rawSoError(fd)
 	if err != nil {
 		return err
 	}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -17,7 +16,6 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
 	"github.com/pires/go-proxyproto"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
@@ -262,19 +260,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		if len(prefetched) > 0 {
 			first = append(first, prefetched)
 		}
-		n := [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}
-		cut, ok, err := offloadConnect(cx.Conn, dest, addrs, first, len(prefetched),
-			time.Until(deadlineOf(ctx)), time.Duration(h.IdleTimeout), n,
-			[2]prometheus.Counter{metrics.BytesReceived, metrics.BytesSent},
-			func(st pairStats, err error) { end(st, err); release() })
+		offloaded, err = carryConnecting(cx.Conn, dest, addrs, first, len(prefetched),
+			time.Until(deadlineOf(ctx)), time.Duration(h.IdleTimeout), rc, end, release)
 		if err != nil {
 			failure = err
 			h.dialFailed(remote, dest, err)
 			return nil
 		}
-		if ok {
-			rc.ReplaceCut(cut)
-			offloaded = true
+		if offloaded {
 			return nil
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -416,6 +417,34 @@ func closeWrite(c net.Conn) {
 	}
 }
 
+// carryConnecting is carry for a pair whose upstream the event loop connects
+// itself (offloadConnect, with the addresses a upstreams.Resolver gave):
+// first goes upstream before anything else, fromClient bytes of it the
+// client's. offloaded is false, with nothing changed, when the loop cannot
+// take the client (the caller dials and carries); err is a failure to
+// connect to every address at once (for the caller to log and count; a
+// later failure reaches done as a *upstreams.DialError).
+func carryConnecting(client net.Conn, dest string, addrs []netip.AddrPort, first net.Buffers, fromClient int,
+	timeout, idle time.Duration, rc *registry.Conn, done func(pairStats, error), release func()) (offloaded bool, err error) {
+	n, end := offloadEnds(rc, done, release)
+	cut, ok, err := offloadConnect(client, dest, addrs, first, fromClient, timeout, idle, n,
+		[2]prometheus.Counter{metrics.BytesReceived, metrics.BytesSent}, end)
+	if ok {
+		rc.ReplaceCut(cut)
+	}
+	return ok, err
+}
+
+// offloadEnds is what a relay taken over by the event loop or the wake-ups
+// counts into (rc's byte counts) and calls when the pair ends (done, then
+// release: the handler's goroutine has returned by then).
+func offloadEnds(rc *registry.Conn, done func(pairStats, error), release func()) ([2]*atomic.Int64, func(pairStats, error)) {
+	return [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}, func(st pairStats, err error) {
+		done(st, err)
+		release()
+	}
+}
+
 // carry relays client and up until both directions end: on the event loop
 // when it can take them, or on wake-ups for a TLS-terminated client
 // (offloadTLS; carry then returns true at once, and done and release run on
@@ -432,11 +461,7 @@ func closeWrite(c net.Conn) {
 // it.
 func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 	done func(pairStats, error), release func()) (offloaded bool) {
-	n := [2]*atomic.Int64{&rc.FromClient, &rc.FromUpstream}
-	end := func(st pairStats, err error) {
-		done(st, err)
-		release()
-	}
+	n, end := offloadEnds(rc, done, release)
 	if cut, ok := offloadCuttable(client, up, idle, n, metrics.BytesReceived, metrics.BytesSent, end); ok {
 		rc.ReplaceCut(cut)
 		return true
