@@ -23,8 +23,9 @@ import (
 )
 
 // The event loop relays established plain-TCP connections the way HAProxy
-// does: after detection and dialling, wa_proxy hands both sockets to an epoll
-// loop and returns, so an idle connection costs a small struct instead of two
+// does: after detection, wa_proxy hands both sockets to an epoll loop and
+// returns (having dialled, or with the upstream's connect still in progress:
+// eventloop_connect_linux.go), so an idle connection costs a small struct instead of two
 // goroutine stacks and caddy-l4's matching buffer. Each readable socket gets
 // one read into a borrowed buffer and one write to its peer; a write that
 // would block keeps the rest pending, stops reading from the source and waits

@@ -85,7 +85,7 @@ func newCounters() (a, b prometheus.Counter) {
 }
 
 // startEventLoop hands the proxy's two sockets to the event loop, as
-// wa_proxy does after dialling. The stop function waits until the loop has
+// wa_proxy does after dialling (SOCKS5). The stop function waits until the loop has
 // closed the pair.
 func startEventLoop(tb testing.TB, mode string, proxyClient, proxyUpstream *net.TCPConn) func() {
 	tb.Helper()

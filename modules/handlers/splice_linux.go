@@ -10,9 +10,9 @@ import (
 // through a pipe instead of read(2) and write(2) through a user-space
 // buffer: socket → pipe takes the received pages by reference, pipe →
 // socket sends them without copying, so the proxy touches no byte. On this
-// machine's loopback it costs 55–60 % less proxy CPU per GB relayed than
+// machine's loopback it cost 0.53× the proxy CPU per GB relayed of
 // read/write, but the bench's MB/s (client, edge and proxy sharing 2 CPUs)
-// came out 5–10 % lower, so it is not the default (docs/performance.md,
+// came out at 0.89×, so it is not the default (docs/performance.md,
 // "splice(2)").
 //
 // A direction borrows a pipe from its loop's pool only while bytes are in
