@@ -9,16 +9,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/waproxy/caddy-waproxy/internal/ports"
 )
 
 type targetKind int
@@ -477,45 +476,17 @@ func (p *proc) logTail(n int) string {
 	return "\n    " + strings.Join(lines, "\n    ")
 }
 
-// freeAddr returns a loopback address whose port was free a moment ago. It
-// prefers a port below the kernel's ephemeral range: a port in that range
-// can be taken in between by an outgoing connection, or be blocked for a
-// minute by one in TIME_WAIT, and the chat runs make tens of thousands.
+// freeAddr returns a loopback address whose port was free a moment ago,
+// below the kernel's ephemeral range when there is room (ports.Free): a port
+// in that range can be taken in between by an outgoing connection, or be
+// blocked for a minute by one in TIME_WAIT, and the chat runs make tens of
+// thousands.
 func freeAddr() (string, error) {
-	if lo := ephemeralLow(); lo > 11000 {
-		for range 100 {
-			port := 10000 + rand.IntN(lo-10000)
-			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-			if err == nil {
-				ln.Close()
-				return ln.Addr().String(), nil
-			}
-		}
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := ports.Free()
 	if err != nil {
-		return "", fmt.Errorf("find a free port: %w", err)
+		return "", err
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
-// ephemeralLow returns the start of the kernel's ephemeral port range, or 0
-// when it cannot be read.
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 2 {
-		return 0
-	}
-	lo, err := strconv.Atoi(f[0])
-	if err != nil || lo > 65535 {
-		return 0
-	}
-	return lo
+	return fmt.Sprintf("127.0.0.1:%d", port), nil
 }
 
 // addrInUse reports whether a start failed because its port was taken in
