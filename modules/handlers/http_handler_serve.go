@@ -58,7 +58,7 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	protocol := metrics.Protocol(cx)
 	metrics.ConnectionsTotal.Inc()
 	metrics.ConnectionsActive.Inc()
-	metrics.ProtocolConnections.WithLabelValues(protocol).Inc()
+	metrics.ProtocolGauge(protocol).Inc()
 	c := &httpConn{h: h, cx: cx, remote: cx.RemoteAddr().String(), protocol: protocol, idle: time.Duration(h.IdleTimeout)}
 	c.rc = registry.Open(&registry.Conn{Remote: c.remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
 		Handler: "layer4.handlers.wa_http", Dialer: h.dialerID})
@@ -67,7 +67,7 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	c.rc.SetCut(func() { _ = cx.Conn.Close() })
 	release := func() {
 		metrics.ConnectionsActive.Dec()
-		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
+		metrics.ProtocolGauge(protocol).Dec()
 		registry.Close(c.rc, nil)
 	}
 	c.repl, _ = cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
@@ -667,7 +667,7 @@ func (c *httpConn) tunnel(req *http.Request, dest string) (offloaded bool) {
 
 	release := func() {
 		metrics.ConnectionsActive.Dec()
-		metrics.ProtocolConnections.WithLabelValues(c.protocol).Dec()
+		metrics.ProtocolGauge(c.protocol).Dec()
 		registry.Close(c.rc, c.relayErr)
 	}
 	end := func(st pairStats, err error) {

@@ -172,51 +172,27 @@ func (h *Handler) allowPatterns() []string {
 // never called. Failures are logged once here and counted in
 // whatsapp_proxy_errors_total; Handle then returns nil so caddy-l4 does not
 // log them again, and the client's connection is closed.
+//
+// The common path (a plain client, the direct dialer, the event loop
+// connecting) stays in Handle and its callees with small stack frames; the
+// rest (Go's dialers, upstream TLS, failures and their log fields) is in
+// methods of its own, so a connection's goroutine does not have to grow its
+// stack for code it does not run.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	start := time.Now()
-	protocol := metrics.Protocol(cx)
-	metrics.ConnectionsTotal.Inc()
-	metrics.ConnectionsActive.Inc()
-	metrics.ProtocolConnections.WithLabelValues(protocol).Inc()
-	repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
-	dest := repl.ReplaceAll(h.Destination, "")
-	remote := cx.RemoteAddr().String()
-	rc := &registry.Conn{Remote: remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
-		Handler: "layer4.handlers.wa_proxy", Dialer: h.dialerID}
-	rc.SetDestination(dest)
-	registry.Open(rc)
-	holdLimit(cx, rc)
-	// a shutdown's deadline ends the connection before the relay takes over
-	rc.SetCut(func() { _ = cx.Conn.Close() })
-	var failure error  // why the connection ended before it was relayed
-	var relayErr error // how the relay ended
-	offloaded := false // the event loop owns the connection and ends it
-	release := func() {
-		metrics.ConnectionsActive.Dec()
-		metrics.ProtocolConnections.WithLabelValues(protocol).Dec()
-		if failure == nil {
-			failure = relayErr
-		}
-		registry.Close(rc, failure)
-	}
+	c := h.open(cx)
 	defer func() {
-		if !offloaded {
-			release()
+		if !c.offloaded {
+			c.release()
 		}
 	}()
 
-	host, _, err := splitDestination(dest)
+	host, _, err := splitDestination(c.dest)
 	if err != nil {
-		failure = err
-		metrics.CountError(metrics.KindDestination)
-		h.logger.Error("bad destination", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+		c.badDestination(err)
 		return nil
 	}
 	if !h.allow.AllowsHost(host) {
-		failure = errors.New("destination not in the allowlist")
-		metrics.CountError(metrics.KindNotAllowed)
-		h.logger.Warn("refuse destination outside the allowlist",
-			zap.String("remote", remote), zap.String("destination", dest), zap.String("protocol", protocol))
+		c.refuse()
 		return nil
 	}
 
@@ -225,34 +201,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	ctx, cancel := context.WithTimeout(upstreams.WithAllowlist(cx.Context, h.allow), time.Duration(h.ConnectTimeout))
 	defer cancel() // connect_timeout covers the dial and the upstream TLS handshake
 
-	// end logs and counts how the connection ended; it runs once, on the
-	// event loop's goroutine or on this one.
-	end := func(st pairStats, err error) {
-		relayErr = err
-		var de *upstreams.DialError
-		if errors.As(err, &de) { // the event loop's connect failed
-			h.dialFailed(remote, dest, err)
-			return
-		}
-		fields := []zap.Field{
-			zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
-			zap.String("protocol", protocol),
-			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
-			zap.Duration("duration", time.Since(start)),
-		}
-		logEnd(h.logger, "connection", fields, err)
-	}
-
 	if resolver, ok := h.dialer.(upstreams.Resolver); ok && h.TLS == nil && connectsInLoop(cx.Conn) {
 		// The event loop connects (no dial goroutine, no Go connection):
 		// see offloadConnect. Anything it cannot take goes the usual way.
-		addrs, err := resolver.Resolve(ctx, "tcp", dest)
+		addrs, err := resolver.Resolve(ctx, "tcp", c.dest)
 		if err != nil {
-			failure = err
-			h.dialFailed(remote, dest, err)
+			c.dialFailed(err)
 			return nil
 		}
-		first, ok := h.firstBytes(cx, remote, dest)
+		first, ok := h.firstBytes(cx, c.remote, c.dest)
 		if !ok {
 			return nil
 		}
@@ -260,22 +217,109 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		if len(prefetched) > 0 {
 			first = append(first, prefetched)
 		}
-		offloaded, err = carryConnecting(cx.Conn, dest, addrs, first, len(prefetched),
-			time.Until(deadlineOf(ctx)), time.Duration(h.IdleTimeout), rc, end, release)
+		c.offloaded, err = carryConnecting(cx.Conn, c.dest, addrs, first, len(prefetched),
+			time.Until(deadlineOf(ctx)), time.Duration(h.IdleTimeout), c.rc, c.end, c.release)
 		if err != nil {
-			failure = err
-			h.dialFailed(remote, dest, err)
+			c.dialFailed(err)
 			return nil
 		}
-		if offloaded {
+		if c.offloaded {
 			return nil
 		}
 	}
+	return c.dialAndCarry(ctx, cancel, host)
+}
 
-	up, err := h.dialer.DialContext(ctx, "tcp", dest)
+// proxyConn is one connection's state while wa_proxy handles it, and after,
+// while the event loop relays it.
+type proxyConn struct {
+	h                      *Handler
+	cx                     *layer4.Connection
+	rc                     *registry.Conn
+	start                  time.Time
+	protocol, remote, dest string
+	failure                error // why the connection ended before it was relayed
+	relayErr               error // how the relay ended
+	offloaded              bool  // the event loop owns the connection and ends it
+}
+
+// open counts and registers a new connection.
+func (h *Handler) open(cx *layer4.Connection) *proxyConn {
+	protocol := metrics.Protocol(cx)
+	metrics.ConnectionsTotal.Inc()
+	metrics.ConnectionsActive.Inc()
+	metrics.ProtocolGauge(protocol).Inc()
+	repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
+	c := &proxyConn{h: h, cx: cx, start: time.Now(), protocol: protocol,
+		dest: repl.ReplaceAll(h.Destination, ""), remote: cx.RemoteAddr().String()}
+	c.rc = &registry.Conn{Remote: c.remote, Listener: cx.LocalAddr().String(), Protocol: protocol,
+		Handler: "layer4.handlers.wa_proxy", Dialer: h.dialerID}
+	c.rc.SetDestination(c.dest)
+	registry.Open(c.rc)
+	holdLimit(cx, c.rc)
+	// a shutdown's deadline ends the connection before the relay takes over
+	c.rc.SetCut(c.closeClient)
+	return c
+}
+
+func (c *proxyConn) closeClient() { _ = c.cx.Conn.Close() }
+
+// release uncounts the connection and unregisters it; it runs once, when
+// the handler returns or, for a relay the event loop took, when it ends.
+func (c *proxyConn) release() {
+	metrics.ConnectionsActive.Dec()
+	metrics.ProtocolGauge(c.protocol).Dec()
+	if c.failure == nil {
+		c.failure = c.relayErr
+	}
+	registry.Close(c.rc, c.failure)
+}
+
+// end logs and counts how the connection ended; it runs once, on the
+// event loop's goroutine or on the handler's.
+func (c *proxyConn) end(st pairStats, err error) {
+	c.relayErr = err
+	var de *upstreams.DialError
+	if errors.As(err, &de) { // the event loop's connect failed
+		c.h.dialFailed(c.remote, c.dest, err)
+		return
+	}
+	logEnd(c.h.logger, "connection", []zap.Field{
+		zap.String("remote", c.remote), zap.String("destination", c.dest), zap.String("via", c.h.dialerID),
+		zap.String("protocol", c.protocol),
+		zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
+		zap.Duration("duration", time.Since(c.start)),
+	}, err)
+}
+
+func (c *proxyConn) badDestination(err error) {
+	c.failure = err
+	metrics.CountError(metrics.KindDestination)
+	c.h.logger.Error("bad destination", zap.String("remote", c.remote), zap.String("destination", c.dest), zap.Error(err))
+}
+
+func (c *proxyConn) refuse() {
+	c.failure = errors.New("destination not in the allowlist")
+	metrics.CountError(metrics.KindNotAllowed)
+	c.h.logger.Warn("refuse destination outside the allowlist",
+		zap.String("remote", c.remote), zap.String("destination", c.dest), zap.String("protocol", c.protocol))
+}
+
+func (c *proxyConn) dialFailed(err error) {
+	c.failure = err
+	c.h.dialFailed(c.remote, c.dest, err)
+}
+
+// dialAndCarry is the path for what the event loop does not connect
+// itself: the dialer connects (Go's net package, or a SOCKS5 exit), the
+// PROXY header, upstream TLS and the bytes the matchers read go first, then
+// carry relays. cancel ends ctx's connect_timeout once the upstream is
+// ready. Its error is one for caddy-l4 to log (the others are logged here).
+func (c *proxyConn) dialAndCarry(ctx context.Context, cancel context.CancelFunc, host string) error {
+	h, cx := c.h, c.cx
+	up, err := h.dialer.DialContext(ctx, "tcp", c.dest)
 	if err != nil {
-		failure = err
-		h.dialFailed(remote, dest, err)
+		c.dialFailed(err)
 		return nil
 	}
 	carried := false // from carry on, the relay owns up and closes it
@@ -287,7 +331,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 
 	// The first write carries the PROXY header (if any) and the bytes the
 	// matchers have already read, in one writev.
-	first, ok := h.firstBytes(cx, remote, dest)
+	first, ok := h.firstBytes(cx, c.remote, c.dest)
 	if !ok {
 		return nil
 	}
@@ -296,17 +340,18 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		if len(first) > 0 {
 			if _, err := first.WriteTo(up); err != nil {
 				metrics.CountError(metrics.KindRelay)
-				h.logger.Error("write PROXY header upstream", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+				h.logger.Error("write PROXY header upstream", zap.String("remote", c.remote), zap.String("destination", c.dest), zap.Error(err))
 				return nil
 			}
 			first = nil
 		}
+		repl := cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
 		tc, err := h.TLS.client(ctx, up, repl.ReplaceAll(h.TLS.ServerName, ""), host)
 		if err != nil {
-			failure = err
+			c.failure = err
 			metrics.CountError(upstreams.ErrorKind(err))
 			h.logger.Error("tls handshake with upstream",
-				zap.String("remote", remote), zap.String("destination", dest), zap.String("via", h.dialerID),
+				zap.String("remote", c.remote), zap.String("destination", c.dest), zap.String("via", h.dialerID),
 				zap.String("kind", upstreams.ErrorKind(err)), zap.Error(err))
 			return nil
 		}
@@ -320,11 +365,11 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if len(first) > 0 {
 		if _, err := first.WriteTo(up); err != nil {
 			metrics.CountError(metrics.KindRelay)
-			h.logger.Error("write first bytes upstream", zap.String("remote", remote), zap.String("destination", dest), zap.Error(err))
+			h.logger.Error("write first bytes upstream", zap.String("remote", c.remote), zap.String("destination", c.dest), zap.Error(err))
 			return nil
 		}
 		metrics.BytesReceived.Add(float64(len(prefetched)))
-		rc.FromClient.Add(int64(len(prefetched)))
+		c.rc.FromClient.Add(int64(len(prefetched)))
 		// consume what was just sent from the connection's buffer
 		if _, err := cx.Read(prefetched); err != nil {
 			return fmt.Errorf("draining prefetched bytes: %w", err)
@@ -332,8 +377,8 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 
 	carried = true
-	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), rc, end, release) {
-		offloaded = true
+	if carry(cx.Conn, up, time.Duration(h.IdleTimeout), c.rc, c.end, c.release) {
+		c.offloaded = true
 	}
 	return nil
 }
@@ -354,6 +399,11 @@ func (h *Handler) firstBytes(cx *layer4.Connection, remote, dest string) (first 
 	if h.ppVersion == 0 {
 		return nil, true
 	}
+	return h.proxyHeader(cx, remote, dest)
+}
+
+// proxyHeader is firstBytes when the handler sends a PROXY header.
+func (h *Handler) proxyHeader(cx *layer4.Connection, remote, dest string) (first net.Buffers, ok bool) {
 	raw := l4proxyprotocol.GetConn(cx)
 	header := proxyproto.HeaderProxyFromAddrs(h.ppVersion, raw.RemoteAddr(), raw.LocalAddr())
 	b, err := header.Format()

@@ -123,13 +123,29 @@ var (
 	}, []string{"upstream"})
 )
 
+// The series of every known error kind and protocol, created up front (so
+// they read 0 before the first event) and kept, so counting one on a
+// connection's path is an atomic add, not a hash of the label and a lookup.
+var (
+	errorCounters  = make(map[string]prometheus.Counter, len(ErrorKinds))
+	protocolGauges = make(map[string]prometheus.Gauge, len(Protocols))
+)
+
 func init() {
 	for _, k := range ErrorKinds {
-		Errors.WithLabelValues(k)
+		errorCounters[k] = Errors.WithLabelValues(k)
 	}
 	for _, p := range Protocols {
-		ProtocolConnections.WithLabelValues(p)
+		protocolGauges[p] = ProtocolConnections.WithLabelValues(p)
 	}
+}
+
+// ProtocolGauge is protocol_connections' series for protocol.
+func ProtocolGauge(protocol string) prometheus.Gauge {
+	if g, ok := protocolGauges[protocol]; ok {
+		return g
+	}
+	return ProtocolConnections.WithLabelValues(protocol)
 }
 
 // Register adds the collectors to reg. It is safe to call for every handler
@@ -154,7 +170,13 @@ func Register(reg prometheus.Registerer) error {
 }
 
 // CountError increments errors_total for kind.
-func CountError(kind string) { Errors.WithLabelValues(kind).Inc() }
+func CountError(kind string) {
+	if c, ok := errorCounters[kind]; ok {
+		c.Inc()
+		return
+	}
+	Errors.WithLabelValues(kind).Inc()
+}
 
 // protocolVar is the connection variable in which matchers record what they detected.
 const protocolVar = "wa.protocol"

@@ -73,6 +73,13 @@ func publish(typ string, c *Conn, err error) {
 	if subsLen.Load() == 0 {
 		return // nobody listens: no snapshot, no lock
 	}
+	send(typ, c, err)
+}
+
+// send is publish with subscribers. It is a function of its own so the
+// common case (none) does not reserve its large stack frame: publish runs on
+// every connection's goroutine, which would grow its stack for it.
+func send(typ string, c *Conn, err error) {
 	ev := Event{Type: typ, Time: time.Now(), Connection: c.Info()}
 	if err != nil {
 		ev.Error = err.Error()

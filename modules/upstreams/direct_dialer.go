@@ -134,12 +134,8 @@ func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip
 	var ips []netip.Addr
 	if ip, err := netip.ParseAddr(host); err == nil {
 		ips = []netip.Addr{ip}
-	} else {
-		ipNetwork := map[string]string{"tcp": "ip", "tcp4": "ip4", "tcp6": "ip6"}[network]
-		ips, err = net.DefaultResolver.LookupNetIP(ctx, ipNetwork, host)
-		if err != nil {
-			return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, err)}
-		}
+	} else if ips, err = lookup(ctx, network, address, host); err != nil {
+		return nil, err
 	}
 	allow := allowlistFrom(ctx)
 	addrs := make([]netip.AddrPort, 0, len(ips))
@@ -189,6 +185,24 @@ func checkResolved(allow *Allowlist, addr string) error {
 
 // checkResolvedAddr refuses an internal address the allowlist does not
 // reach.
+// lookup resolves host for Resolve. It is a function of its own so that
+// Resolve's frame stays small for the common case of an IP address (the
+// handler's goroutine then need not grow its stack).
+func lookup(ctx context.Context, network, address, host string) ([]netip.Addr, error) {
+	ipNetwork := "ip"
+	switch network {
+	case "tcp4":
+		ipNetwork = "ip4"
+	case "tcp6":
+		ipNetwork = "ip6"
+	}
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, ipNetwork, host)
+	if err != nil {
+		return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, err)}
+	}
+	return ips, nil
+}
+
 func checkResolvedAddr(allow *Allowlist, ip netip.Addr) error {
 	if !allow.AllowsResolved(ip) {
 		name, _ := InternalRange(ip)
