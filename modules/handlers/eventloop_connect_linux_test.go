@@ -32,16 +32,11 @@ func connectPair(t *testing.T) (client, proxyClient net.Conn) {
 	return s.client, s.proxyClient
 }
 
-// closedPort is a loopback address nothing listens on.
+// closedAddrPort is a loopback address nothing listens on (a port from
+// package ports: nothing else in the test binary is handed it).
 func closedAddrPort(t *testing.T) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := netip.MustParseAddrPort(ln.Addr().String())
-	ln.Close()
-	return ap
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(testutil.FreePort(t)))
 }
 
 // echoAddrPort is a loopback echo server's address.

@@ -102,7 +102,11 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 		unix.Close(cfd)
 		return nil, false
 	}
-	_ = upstream.Close() // the duplicate keeps the socket; Go's poller lets go of it
+	// The duplicates keep the sockets; Go's poller lets go of them, and the
+	// loop's descriptors are the only ones left (see pair). caddy-l4's own
+	// close of the client when the handler returns is then a no-op.
+	_ = upstream.Close()
+	_ = client.Close()
 	p := newPair(cfd, ufd, idle, n, [2]prometheus.Counter{fromClient, fromUpstream}, done)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
 	// If add fails, the pair is closed and done has been called: cut is
@@ -309,6 +313,8 @@ func (l *eventLoop) sweep() {
 }
 
 // pair is one relayed connection: side 0 is the client, side 1 the upstream.
+// Its fds are the only descriptors of their sockets (the hand-over closes
+// Go's originals), so closing one also takes it out of the epoll set.
 type pair struct {
 	loop       *eventLoop
 	id         uint32
@@ -414,11 +420,14 @@ func (l *eventLoop) read(p *pair, s int) bool {
 // pair was closed.
 func (l *eventLoop) ended(p *pair, s int) bool {
 	p.eof[s] = true
-	_ = rawShutdownWrite(p.fds[1-s])
 	if p.eof[1-s] {
+		// Both sides have said all they had and nothing is left unread
+		// or unwritten: close sends the other side its FIN as shutdown
+		// would.
 		l.close(p, nil)
 		return false
 	}
+	_ = rawShutdownWrite(p.fds[1-s])
 	return l.updateInterest(p)
 }
 
@@ -489,8 +498,7 @@ func (l *eventLoop) close(p *pair, err error) {
 	}
 	for i, fd := range p.fds {
 		if fd >= 0 {
-			_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-			_ = rawClose(fd)
+			_ = rawClose(fd) // the last descriptor: the epoll set lets go of it too
 		}
 		if p.pendBuf[i] != nil {
 			relayBufs.Put(p.pendBuf[i])
