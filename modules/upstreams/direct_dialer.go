@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -36,8 +38,17 @@ type Direct struct {
 	// is no other upstream to fail over to. Default: no checks.
 	HealthCheck *HealthCheck `json:"health_check,omitempty"`
 
-	dialer net.Dialer
-	health healthSet // the one checker, or none
+	// ResolveCache is how long the addresses a destination's name resolved
+	// to are used before they are looked up again. A connection does not
+	// wait for that lookup: the old addresses serve while it runs in the
+	// background, and stay in use if it fails. A negative value turns the
+	// cache off (every connection resolves its name). Default: 30s.
+	ResolveCache caddy.Duration `json:"resolve_cache,omitempty"`
+
+	dialer   net.Dialer
+	resolver *net.Resolver // nil: net.DefaultResolver (tests set their own)
+	cacheFor time.Duration // ResolveCache in effect; 0: off
+	health   healthSet     // the one checker, or none
 }
 
 // CaddyModule returns the Caddy module information.
@@ -54,6 +65,17 @@ func (*Direct) CaddyModule() caddy.ModuleInfo {
 // without keep-alive (its idle timeout ends dead connections).
 func (dd *Direct) Provision(ctx caddy.Context) error {
 	dd.dialer = net.Dialer{}
+	switch {
+	case dd.ResolveCache == 0:
+		dd.cacheFor = DefaultResolveCache
+	case dd.ResolveCache > 0:
+		dd.cacheFor = time.Duration(dd.ResolveCache)
+	default:
+		dd.cacheFor = 0
+	}
+	if dd.resolver == nil {
+		dd.resolver = net.DefaultResolver
+	}
 	if dd.HealthCheck == nil {
 		return nil
 	}
@@ -91,6 +113,16 @@ func (dd *Direct) Cleanup() error { return dd.health.release() }
 func (dd *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, err
+	}
+	if host, _, err := net.SplitHostPort(address); err == nil && dd.cacheFor > 0 {
+		if _, err := parseIP(host); err != nil {
+			// a name: its addresses come from the cache (see ResolveCache)
+			addrs, err := dd.Resolve(ctx, network, address)
+			if err != nil {
+				return nil, err
+			}
+			return dd.dialAddrs(ctx, address, addrs)
+		}
 	}
 	dialer := &dd.dialer
 	if allow := allowlistFrom(ctx); allow != nil {
@@ -132,9 +164,9 @@ func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip
 		return nil, dialErrorf(metrics.KindDestination, "dial %s: invalid port %q", address, portStr)
 	}
 	var ips []netip.Addr
-	if ip, err := netip.ParseAddr(host); err == nil {
+	if ip, err := parseIP(host); err == nil {
 		ips = []netip.Addr{ip}
-	} else if ips, err = lookup(ctx, network, address, host); err != nil {
+	} else if ips, err = dd.lookup(ctx, network, address, host); err != nil {
 		return nil, err
 	}
 	allow := allowlistFrom(ctx)
@@ -185,10 +217,23 @@ func checkResolved(allow *Allowlist, addr string) error {
 
 // checkResolvedAddr refuses an internal address the allowlist does not
 // reach.
-// lookup resolves host for Resolve. It is a function of its own so that
+// errNotIP is parseIP's answer for a host that cannot be an IP address.
+var errNotIP = errors.New("not an IP address")
+
+// parseIP is netip.ParseAddr, without its error value (an allocation) for
+// a host that starts as no IP address does (a name, usually).
+func parseIP(host string) (netip.Addr, error) {
+	if host == "" || !(host[0] >= '0' && host[0] <= '9' || strings.IndexByte(host, ':') >= 0) {
+		return netip.Addr{}, errNotIP
+	}
+	return netip.ParseAddr(host)
+}
+
+// lookup resolves host for Resolve, through the cache (see ResolveCache).
+// It is a function of its own so that
 // Resolve's frame stays small for the common case of an IP address (the
 // handler's goroutine then need not grow its stack).
-func lookup(ctx context.Context, network, address, host string) ([]netip.Addr, error) {
+func (dd *Direct) lookup(ctx context.Context, network, address, host string) ([]netip.Addr, error) {
 	ipNetwork := "ip"
 	switch network {
 	case "tcp4":
@@ -196,7 +241,11 @@ func lookup(ctx context.Context, network, address, host string) ([]netip.Addr, e
 	case "tcp6":
 		ipNetwork = "ip6"
 	}
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, ipNetwork, host)
+	r := dd.resolver
+	if r == nil { // not provisioned (tests)
+		r = net.DefaultResolver
+	}
+	ips, err := names.lookup(ctx, r, ipNetwork, host, dd.cacheFor)
 	if err != nil {
 		return nil, &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, err)}
 	}
@@ -222,6 +271,7 @@ func (dd *Direct) String() string {
 // UnmarshalCaddyfile sets up the dialer from Caddyfile tokens. Syntax:
 //
 //	via direct {
+//		resolve_cache <duration>|off
 //		health_check [<destination>] {
 //			interval <duration>
 //			timeout <duration>
@@ -247,6 +297,25 @@ func (dd *Direct) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			dd.HealthCheck = hc
+		case "resolve_cache":
+			if dd.ResolveCache != 0 {
+				return d.Errf("direct: duplicate subdirective '%s'", opt)
+			}
+			if !d.NextArg() {
+				return d.Errf("direct: resolve_cache needs a duration, or off")
+			}
+			if d.Val() == "off" {
+				dd.ResolveCache = -1
+			} else {
+				dur, err := caddy.ParseDuration(d.Val())
+				if err != nil || dur <= 0 {
+					return d.Errf("direct: resolve_cache: '%s' is not a positive duration or off", d.Val())
+				}
+				dd.ResolveCache = caddy.Duration(dur)
+			}
+			if d.NextArg() {
+				return d.Errf("direct: resolve_cache takes one argument, got '%s' too", d.Val())
+			}
 		default:
 			return d.Errf("direct: unrecognized subdirective '%s'", opt)
 		}
@@ -298,3 +367,123 @@ var (
 	_ caddyfile.Unmarshaler = (*Direct)(nil)
 	_ fmt.Stringer          = (*Direct)(nil)
 )
+
+// fallbackDelay is how long the addresses of the first address's family
+// have before those of the other family are tried alongside (Go's
+// net.Dialer default, after RFC 6555).
+const fallbackDelay = 300 * time.Millisecond
+
+// dialAddrs connects to one of addrs (a name's, in Resolve's order) as
+// net.Dialer does for a name: the addresses of the first one's family one
+// after the other, and, when the other family has some, those the same way
+// from fallbackDelay on (Happy Eyeballs); the first connection made wins.
+// Errors are as DialContext's; the first family's failure is reported
+// when both fail.
+func (dd *Direct) dialAddrs(ctx context.Context, address string, addrs []netip.AddrPort) (net.Conn, error) {
+	var primaries, fallbacks []netip.AddrPort
+	for _, ap := range addrs {
+		if ap.Addr().Is4() == addrs[0].Addr().Is4() {
+			primaries = append(primaries, ap)
+		} else {
+			fallbacks = append(fallbacks, ap)
+		}
+	}
+	if len(fallbacks) == 0 {
+		c, err := dd.dialSerial(ctx, primaries)
+		return c, dd.dialErr(ctx, address, err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		c       net.Conn
+		err     error
+		primary bool
+	}
+	results := make(chan result, 2)
+	start := func(list []netip.AddrPort, primary bool) {
+		go func() {
+			c, err := dd.dialSerial(ctx, list)
+			results <- result{c, err, primary}
+		}()
+	}
+	start(primaries, true)
+	timer := time.NewTimer(fallbackDelay)
+	defer timer.Stop()
+	started, fallbackStarted := 1, false
+	var primaryErr, fallbackErr error
+	for got := 0; ; {
+		select {
+		case <-timer.C:
+			if !fallbackStarted {
+				fallbackStarted = true
+				started++
+				start(fallbacks, false)
+			}
+		case r := <-results:
+			got++
+			if r.err == nil {
+				if left := started - got; left > 0 {
+					go func() { // the other family's dial, cancelled: close it if it got through
+						if r := <-results; r.c != nil {
+							_ = r.c.Close()
+						}
+					}()
+				}
+				return r.c, nil
+			}
+			if r.primary {
+				primaryErr = r.err
+			} else {
+				fallbackErr = r.err
+			}
+			if !fallbackStarted { // the first family failed early: no need to wait
+				fallbackStarted = true
+				started++
+				start(fallbacks, false)
+				continue
+			}
+			if got == started {
+				return nil, dd.dialErr(ctx, address, cmp.Or(primaryErr, fallbackErr))
+			}
+		}
+	}
+}
+
+// dialSerial connects to addrs one after the other, each with an equal
+// share of the time left (at least 2 s while there is that much, as Go's
+// net.Dialer gives each address of a name), returning the first failure
+// when all fail.
+func (dd *Direct) dialSerial(ctx context.Context, addrs []netip.AddrPort) (net.Conn, error) {
+	var first error
+	for i, ap := range addrs {
+		actx := ctx
+		if deadline, ok := ctx.Deadline(); ok {
+			left := time.Until(deadline)
+			share := left / time.Duration(len(addrs)-i)
+			if share < 2*time.Second {
+				share = min(left, 2*time.Second)
+			}
+			var cancel context.CancelFunc
+			actx, cancel = context.WithTimeout(ctx, share)
+			defer cancel()
+		}
+		c, err := dd.dialer.DialContext(actx, "tcp", ap.String())
+		if err == nil {
+			return c, nil
+		}
+		first = cmp.Or(first, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, first
+}
+
+// dialErr is err, a failure to connect to address, as DialContext reports
+// it (nil stays nil).
+func (dd *Direct) dialErr(ctx context.Context, address string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &DialError{Kind: dialErrKind(ctx, err), Err: fmt.Errorf("dial %s: %w", address, opCause(err))}
+}

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/waproxy/caddy-waproxy/internal/testutil"
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
@@ -159,9 +161,31 @@ func TestDirectUnmarshalCaddyfile(t *testing.T) {
 		t.Fatalf("String() = %q", d.String())
 	}
 
+	for _, tc := range []struct {
+		input string
+		want  caddy.Duration
+	}{
+		{"via direct {\n\tresolve_cache 1m\n}", caddy.Duration(time.Minute)},
+		{"via direct {\n\tresolve_cache off\n}", -1},
+		{"via direct", 0},
+	} {
+		unm, err := unmarshalVia(t, tc.input)
+		if err != nil {
+			t.Fatalf("%q: %v", tc.input, err)
+		}
+		if got := unm.(*Direct).ResolveCache; got != tc.want {
+			t.Errorf("%q: resolve_cache %v, want %v", tc.input, got, tc.want)
+		}
+	}
+
 	for _, tc := range []struct{ input, want string }{
 		{"via direct 127.0.0.1:1080", "direct: unexpected argument '127.0.0.1:1080': the direct dialer takes no arguments"},
 		{"via direct {\n\ttimeout 5s\n}", "direct: unrecognized subdirective 'timeout'"},
+		{"via direct {\n\tresolve_cache\n}", "direct: resolve_cache needs a duration, or off"},
+		{"via direct {\n\tresolve_cache soon\n}", "direct: resolve_cache: 'soon' is not a positive duration or off"},
+		{"via direct {\n\tresolve_cache 0s\n}", "direct: resolve_cache: '0s' is not a positive duration or off"},
+		{"via direct {\n\tresolve_cache 1m 2m\n}", "direct: resolve_cache takes one argument, got '2m' too"},
+		{"via direct {\n\tresolve_cache 1m\n\tresolve_cache off\n}", "direct: duplicate subdirective 'resolve_cache'"},
 	} {
 		_, err := unmarshalVia(t, tc.input)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -198,6 +198,8 @@ func TestHealthCheckUnmarshalCaddyfile(t *testing.T) {
 		{"via direct", `{}`},
 		{"via direct {\n}", `{}`},
 		{"via direct {\n\thealth_check {env.DEST} {\n\t\tinterval 1m\n\t}\n}", `{"health_check":{"destination":"{env.DEST}","interval":60000000000}}`},
+		{"via direct {\n\tresolve_cache 2m\n}", `{"resolve_cache":120000000000}`},
+		{"via direct {\n\tresolve_cache off\n}", `{"resolve_cache":-1}`},
 	} {
 		t.Run(tc.input, func(t *testing.T) {
 			unm, err := unmarshalVia(t, tc.input)

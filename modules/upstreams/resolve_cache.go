@@ -1,0 +1,141 @@
+package upstreams
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// DefaultResolveCache is how long the direct dialer reuses the addresses a
+// name resolved to.
+const DefaultResolveCache = 30 * time.Second
+
+// resolveCacheMax is the number of names above which a lookup first drops
+// the entries nobody asked for in resolveCacheForget (wa_http's CONNECT
+// may name any allowed host, and WhatsApp's media hosts are many).
+const (
+	resolveCacheMax    = 1024
+	resolveCacheForget = 10 * time.Minute
+)
+
+// The addresses names resolved to, shared by every direct dialer of the
+// process (so they survive config reloads): a chat connection then does
+// not wait for a DNS round trip, and a reconnect storm does not become a
+// storm of queries. HAProxy's official config resolves its server names
+// once, at start.
+var names = resolveCache{entries: make(map[resolveKey]*resolveEntry)}
+
+type resolveCache struct {
+	mu      sync.Mutex
+	entries map[resolveKey]*resolveEntry
+}
+
+type resolveKey struct {
+	resolver      *net.Resolver
+	network, host string
+}
+
+type resolveEntry struct {
+	addrs   []netip.Addr // the last good answer; nil before the first
+	at      time.Time    // when addrs were looked up
+	used    time.Time    // when the entry was last asked for
+	retryAt time.Time    // no refresh before this, after a failed one
+	flight  *lookupFlight
+}
+
+// lookupFlight is a lookup in progress: callers asking for the same name
+// meanwhile wait for it rather than send their own query.
+type lookupFlight struct {
+	done  chan struct{}
+	addrs []netip.Addr
+	err   error
+}
+
+// refreshTimeout bounds a refresh made in the background; refreshRetry is
+// the wait before another after one failed.
+const (
+	refreshTimeout = 10 * time.Second
+	refreshRetry   = 5 * time.Second
+)
+
+// lookup returns host's addresses ("ip", "ip4" or "ip6" ones as network
+// says), resolving them with r only when it must: an answer younger than maxAge is returned as it is; an older one is
+// returned too, while one lookup in the background refreshes it, so a
+// connection never waits for DNS once its name has resolved. When the
+// refresh fails the old answer stays in use (a resolver outage does not
+// stop connections to hosts whose addresses are known), and the next
+// refresh waits refreshRetry. A name not resolved yet is resolved at once;
+// callers asking for it meanwhile share that lookup. maxAge 0 turns the
+// cache off: every call resolves.
+func (c *resolveCache) lookup(ctx context.Context, r *net.Resolver, network, host string, maxAge time.Duration) ([]netip.Addr, error) {
+	if maxAge <= 0 {
+		return r.LookupNetIP(ctx, network, host)
+	}
+	k := resolveKey{r, network, host}
+	now := time.Now()
+	c.mu.Lock()
+	e := c.entries[k]
+	if e == nil {
+		if len(c.entries) >= resolveCacheMax {
+			c.forget(now)
+		}
+		e = new(resolveEntry)
+		c.entries[k] = e
+	}
+	e.used = now
+	if e.addrs != nil {
+		addrs := e.addrs
+		if now.Sub(e.at) >= maxAge && e.flight == nil && !now.Before(e.retryAt) {
+			f := &lookupFlight{done: make(chan struct{})}
+			e.flight = f
+			go func() {
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refreshTimeout)
+				defer cancel()
+				addrs, err := r.LookupNetIP(rctx, network, host)
+				c.finish(e, f, addrs, err)
+			}()
+		}
+		c.mu.Unlock()
+		return addrs, nil
+	}
+	if f := e.flight; f != nil {
+		c.mu.Unlock()
+		select {
+		case <-f.done:
+			return f.addrs, f.err
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	f := &lookupFlight{done: make(chan struct{})}
+	e.flight = f
+	c.mu.Unlock()
+	addrs, err := r.LookupNetIP(ctx, network, host)
+	c.finish(e, f, addrs, err)
+	return f.addrs, f.err
+}
+
+// finish records a lookup's outcome in e and hands it to f's waiters.
+func (c *resolveCache) finish(e *resolveEntry, f *lookupFlight, addrs []netip.Addr, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e.flight = nil
+	if err == nil {
+		e.addrs, e.at = addrs, time.Now()
+	} else {
+		e.retryAt = time.Now().Add(refreshRetry) // e.addrs, if any, stay
+	}
+	f.addrs, f.err = addrs, err
+	close(f.done)
+}
+
+// forget drops the entries not asked for in resolveCacheForget (c.mu held).
+func (c *resolveCache) forget(now time.Time) {
+	for k, e := range c.entries {
+		if e.flight == nil && now.Sub(e.used) >= resolveCacheForget {
+			delete(c.entries, k)
+		}
+	}
+}

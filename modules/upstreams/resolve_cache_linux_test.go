@@ -1,0 +1,75 @@
+//go:build linux
+
+package upstreams
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
+)
+
+// TestDirectDialHappyEyeballs: of a name's addresses, an IPv6 one whose
+// connect hangs and an IPv4 one that answers, DialContext's path for names
+// ends up on the IPv4 one (tried alongside after 300 ms) rather than
+// waiting out the IPv6 one's share of the time.
+func TestDirectDialHappyEyeballs(t *testing.T) {
+	echo := testutil.StartEcho(t)
+	d := &Direct{}
+	addrs := []netip.AddrPort{silentV6(t), netip.MustParseAddrPort(echo.Addr)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := d.dialAddrs(ctx, "dual.test:1", addrs)
+	if err != nil {
+		t.Fatalf("dial with a silent IPv6 address first: %v", err)
+	}
+	defer c.Close()
+	if got := c.RemoteAddr().String(); got != echo.Addr {
+		t.Fatalf("connected to %s, want the IPv4 address %s", got, echo.Addr)
+	}
+
+	// both families fail: the first family's error is the one reported
+	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	closed4 := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(testutil.FreePort(t)))
+	_, err = d.dialAddrs(ctx, "dual.test:1", []netip.AddrPort{closed4, netip.AddrPortFrom(netip.IPv6Loopback(), closed4.Port())})
+	if err == nil || err.Error() != "dial dual.test:1: connect: connection refused" {
+		t.Fatalf("both refused: %v", err)
+	}
+}
+
+// silentV6 is an address on ::1 whose listener never accepts and whose
+// accept queue is full: the kernel drops a new SYN, so a connect hangs.
+func silentV6(t *testing.T) netip.AddrPort {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.IPv6Loopback().As16()}); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := netip.AddrPortFrom(netip.IPv6Loopback(), uint16(sa.(*unix.SockaddrInet6).Port))
+	for range 8 { // connects complete until the queue is full
+		c, err := net.DialTimeout("tcp6", ap.String(), 200*time.Millisecond)
+		if err != nil {
+			return ap
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatal("the accept queue never filled")
+	return ap
+}
