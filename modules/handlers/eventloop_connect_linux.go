@@ -34,6 +34,7 @@ import (
 // the pair is added).
 type connectState struct {
 	address   string           // the destination as configured, for messages
+	current   netip.AddrPort   // the address being connected to
 	addrs     []netip.AddrPort // what is left to try after the current one
 	firstErr  error            // the first address's failure, reported if all fail
 	firstKind string           // its errors_total kind
@@ -62,14 +63,15 @@ func (cs *connectState) startAttempt(now time.Time, expired func()) {
 }
 
 // startConnect creates a non-blocking socket and connects it to the first
-// address that does not fail at once. It returns the socket and the
-// addresses not tried yet, or the first failure when every address failed.
-func startConnect(addrs []netip.AddrPort) (fd int, rest []netip.AddrPort, err error) {
+// address that does not fail at once. It returns the socket, that address
+// and the addresses not tried yet, or the first failure when every address
+// failed.
+func startConnect(addrs []netip.AddrPort) (fd int, current netip.AddrPort, rest []netip.AddrPort, err error) {
 	var first error
 	for i, ap := range addrs {
 		fd, err := connectTo(ap)
 		if err == nil {
-			return fd, addrs[i+1:], nil
+			return fd, ap, addrs[i+1:], nil
 		}
 		if first == nil {
 			first = err
@@ -78,7 +80,7 @@ func startConnect(addrs []netip.AddrPort) (fd int, rest []netip.AddrPort, err er
 	if first == nil {
 		first = errors.New("no address to connect to")
 	}
-	return -1, nil, first
+	return -1, netip.AddrPort{}, nil, first
 }
 
 func connectTo(ap netip.AddrPort) (int, error) {
@@ -145,13 +147,13 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 	if derr != nil {
 		return nil, false, nil
 	}
-	ufd, rest, cerr := startConnect(addrs)
+	ufd, current, rest, cerr := startConnect(addrs)
 	if cerr != nil {
 		unix.Close(cfd)
 		return nil, false, &upstreams.DialError{Kind: metrics.KindDial, Err: fmt.Errorf("dial %s: %w", address, cerr)}
 	}
 	p := newPair(cfd, ufd, idle, n, counters, done)
-	p.connecting = &connectState{address: address, addrs: rest, fromFirst: fromClient, deadline: time.Now().Add(timeout)}
+	p.connecting = &connectState{address: address, current: current, addrs: rest, fromFirst: fromClient, deadline: time.Now().Add(timeout)}
 	if size > 0 {
 		bp := relayBufs.Get().(*[]byte)
 		k := 0
@@ -183,6 +185,7 @@ func (l *eventLoop) connected(p *pair, events uint32) bool {
 		}
 		cs.timer.Stop()
 		p.connecting = nil
+		upstreams.NoteConnected(cs.current)
 		if cs.fromFirst > 0 {
 			p.n[0].Add(int64(cs.fromFirst))
 			p.counters[0].Add(float64(cs.fromFirst))
@@ -209,6 +212,9 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 	if cs.firstErr == nil {
 		cs.firstErr, cs.firstKind = cause, kind
 	}
+	if kind == metrics.KindTimeout {
+		upstreams.NoteTimeout(cs.current) // the next connections try it last
+	}
 	old := p.fds[1]
 	_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, old, nil)
 	l.mu.Lock()
@@ -221,12 +227,12 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 		l.failConnect(p, cs.firstKind, cs.firstErr)
 		return
 	}
-	fd, rest, err := startConnect(cs.addrs)
+	fd, current, rest, err := startConnect(cs.addrs)
 	if err != nil {
 		l.failConnect(p, cs.firstKind, cs.firstErr)
 		return
 	}
-	cs.addrs = rest
+	cs.current, cs.addrs = current, rest
 	cs.startAttempt(now, nil) // the timer exists: it keeps its function
 	p.fds[1] = fd
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: int32(p.id)}

@@ -217,7 +217,9 @@ func TestConnectFromLoopCut(t *testing.T) {
 // is tried: a black-holed address does not use up the whole timeout.
 func TestConnectFromLoopSilentFirst(t *testing.T) {
 	client, proxyClient := connectPair(t)
-	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{fullBacklog(t), echoAddrPort(t)}, 4*time.Second)
+	silent, good := fullBacklog(t), echoAddrPort(t)
+	upstreams.NoteTimeout(good) // an old time-out: a connect that succeeds clears it
+	res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{silent, good}, 4*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,6 +231,11 @@ func TestConnectFromLoopSilentFirst(t *testing.T) {
 	client.Close()
 	if r := waitResult(t, res); r.err != nil && !isClosedByPeer(r.err) {
 		t.Fatalf("ended %+v", r)
+	}
+	// the next connections to these addresses try the silent one last
+	if !upstreams.Unreachable(silent) || upstreams.Unreachable(good) {
+		t.Fatalf("unreachable: silent %v, answering %v; want the silent one noted, not the other",
+			upstreams.Unreachable(silent), upstreams.Unreachable(good))
 	}
 }
 

@@ -192,7 +192,7 @@ func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip
 		}
 		return nil, dialErrorf(metrics.KindDial, "dial %s: no %s address", address, network)
 	}
-	return addrs, nil
+	return reachableFirst(addrs), nil
 }
 
 // internalAddrError reports a resolved address the allowlist does not reach.
@@ -469,7 +469,11 @@ func (dd *Direct) dialSerial(ctx context.Context, addrs []netip.AddrPort) (net.C
 		}
 		c, err := dd.dialer.DialContext(actx, "tcp", ap.String())
 		if err == nil {
+			NoteConnected(ap)
 			return c, nil
+		}
+		if dialErrKind(actx, err) == metrics.KindTimeout { // not a cancel: Happy Eyeballs' loser
+			NoteTimeout(ap) // the next connections try it last
 		}
 		first = cmp.Or(first, err)
 		if ctx.Err() != nil {

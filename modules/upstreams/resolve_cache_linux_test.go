@@ -73,3 +73,25 @@ func silentV6(t *testing.T) netip.AddrPort {
 	t.Fatal("the accept queue never filled")
 	return ap
 }
+
+// TestDirectDialSerialNotesTimeout: of one family's addresses, a silent
+// one is given up after its share of the time, the next one answers, and
+// the silent one is noted so the next connections try it last.
+func TestDirectDialSerialNotesTimeout(t *testing.T) {
+	silent := silentV6(t)
+	echo := netip.MustParseAddrPort(testutil.StartEchoOn(t, "[::1]:0").Addr)
+	t.Cleanup(func() { NoteConnected(silent) })
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second) // 2 s each
+	defer cancel()
+	c, err := (&Direct{}).dialAddrs(ctx, "v6.test:1", []netip.AddrPort{silent, echo})
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	c.Close()
+	if c.RemoteAddr().String() != echo.String() {
+		t.Fatalf("connected to %v, want %v", c.RemoteAddr(), echo)
+	}
+	if !Unreachable(silent) || Unreachable(echo) {
+		t.Fatalf("unreachable: silent %v, answering %v; want only the silent one", Unreachable(silent), Unreachable(echo))
+	}
+}
