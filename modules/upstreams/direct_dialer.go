@@ -76,6 +76,7 @@ func (dd *Direct) Provision(ctx caddy.Context) error {
 	if dd.resolver == nil {
 		dd.resolver = net.DefaultResolver
 	}
+	names.logger.Store(ctx.Logger())
 	if dd.HealthCheck == nil {
 		return nil
 	}

@@ -5,7 +5,10 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // DefaultResolveCache is how long the direct dialer reuses the addresses a
@@ -30,6 +33,7 @@ var names = resolveCache{entries: make(map[resolveKey]*resolveEntry)}
 type resolveCache struct {
 	mu      sync.Mutex
 	entries map[resolveKey]*resolveEntry
+	logger  atomic.Pointer[zap.Logger] // the newest direct dialer's; nil: no logs
 }
 
 type resolveKey struct {
@@ -42,6 +46,7 @@ type resolveEntry struct {
 	at      time.Time    // when addrs were looked up
 	used    time.Time    // when the entry was last asked for
 	retryAt time.Time    // no refresh before this, after a failed one
+	failing bool         // the last refresh failed (logged once per streak)
 	flight  *lookupFlight
 }
 
@@ -53,12 +58,12 @@ type lookupFlight struct {
 	err   error
 }
 
-// refreshTimeout bounds a refresh made in the background; refreshRetry is
-// the wait before another after one failed.
-const (
-	refreshTimeout = 10 * time.Second
-	refreshRetry   = 5 * time.Second
-)
+// refreshTimeout bounds a refresh made in the background.
+const refreshTimeout = 10 * time.Second
+
+// refreshRetry is the wait before another refresh after one failed (read
+// under the cache's lock; tests shorten it).
+var refreshRetry = 5 * time.Second
 
 // lookup returns host's addresses ("ip", "ip4" or "ip6" ones as network
 // says), resolving them with r only when it must: an answer younger than maxAge is returned as it is; an older one is
@@ -95,6 +100,7 @@ func (c *resolveCache) lookup(ctx context.Context, r *net.Resolver, network, hos
 				defer cancel()
 				addrs, err := r.LookupNetIP(rctx, network, host)
 				c.finish(e, f, addrs, err)
+				c.logRefresh(e, host, err)
 			}()
 		}
 		c.mu.Unlock()
@@ -129,6 +135,27 @@ func (c *resolveCache) finish(e *resolveEntry, f *lookupFlight, addrs []netip.Ad
 	}
 	f.addrs, f.err = addrs, err
 	close(f.done)
+}
+
+// logRefresh logs a background refresh that failed after one that did not
+// (a warning: the old addresses are in use) and one that worked after one
+// that failed; nothing while nothing changes.
+func (c *resolveCache) logRefresh(e *resolveEntry, host string, err error) {
+	c.mu.Lock()
+	was := e.failing
+	e.failing = err != nil
+	at, retry := e.at, refreshRetry
+	c.mu.Unlock()
+	logger := c.logger.Load()
+	switch {
+	case logger == nil || was == (err != nil):
+	case err != nil:
+		logger.Warn("resolve failed; connecting to the addresses resolved before",
+			zap.String("host", host), zap.Duration("addresses_age", time.Since(at).Round(time.Second)),
+			zap.Duration("retry_in", retry), zap.Error(err))
+	default:
+		logger.Info("resolve works again", zap.String("host", host))
+	}
 }
 
 // forget drops the entries not asked for in resolveCacheForget (c.mu held).

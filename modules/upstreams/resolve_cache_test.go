@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/waproxy/caddy-waproxy/internal/testutil"
@@ -187,6 +189,8 @@ func TestResolveCacheShared(t *testing.T) {
 func TestResolveCacheOutage(t *testing.T) {
 	dns := startDNS(t, map[string][]netip.Addr{"up.test.": chatAddrs, "new.test.": chatAddrs})
 	d := cachingDirect(t, dns, 100*time.Millisecond)
+	core, logs := observer.New(zap.InfoLevel)
+	names.logger.Store(zap.New(core))
 	if _, err := d.Resolve(ctxTODO, "tcp4", "up.test:5222"); err != nil {
 		t.Fatal(err)
 	}
@@ -219,11 +223,46 @@ func TestResolveCacheOutage(t *testing.T) {
 	if n := dns.queries.Load(); n != queries {
 		t.Fatalf("%d queries after the failed refresh, want none before refreshRetry (%v)", n-queries, refreshRetry)
 	}
+	if warns := logs.FilterMessage("resolve failed; connecting to the addresses resolved before").FilterField(zap.String("host", "up.test")).Len(); warns != 1 {
+		t.Fatalf("%d warnings for the failed refresh, want 1", warns)
+	}
+
 	_, err := d.Resolve(ctxTODO, "tcp4", "new.test:5222")
 	var de *DialError
 	if !errors.As(err, &de) || !strings.HasPrefix(err.Error(), "dial new.test:5222: ") {
 		t.Fatalf("a name never resolved, during the outage: %v; want a DialError naming it", err)
 	}
+
+	// more failed refreshes: no more warnings; then the resolver is back
+	names.mu.Lock()
+	refreshRetry = 0
+	names.entries[resolveKey{d.resolver, "ip4", "up.test"}].retryAt = time.Now()
+	names.mu.Unlock()
+	t.Cleanup(func() {
+		names.mu.Lock()
+		refreshRetry = 5 * time.Second
+		names.mu.Unlock()
+	})
+	for range 2 {
+		before := dns.queries.Load()
+		resolveUp("the resolver still failing")
+		testutil.WaitFor(t, 5*time.Second, "another failed refresh", func() bool { return dns.queries.Load() > before && refreshDone() })
+		time.Sleep(time.Millisecond) // past retryAt (now + 0)
+	}
+	if warns := logs.FilterMessage("resolve failed; connecting to the addresses resolved before").Len(); warns != 1 {
+		t.Fatalf("%d warnings after three failed refreshes, want 1 (one per outage)", warns)
+	}
+	dns.set(func(s *dnsServer) {
+		s.fail = false
+		s.table["up.test."] = []netip.Addr{netip.MustParseAddr("127.0.0.9")}
+	})
+	testutil.WaitFor(t, 5*time.Second, "the refresh after the outage to bring the new address", func() bool {
+		addrs, err := d.Resolve(ctxTODO, "tcp4", "up.test:5222")
+		return err == nil && addrs[0].Addr().String() == "127.0.0.9"
+	})
+	testutil.WaitFor(t, 5*time.Second, "the recovery logged", func() bool {
+		return logs.FilterMessage("resolve works again").FilterField(zap.String("host", "up.test")).Len() == 1
+	})
 }
 
 // TestResolveCacheOff: resolve_cache off looks the name up every time.
