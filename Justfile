@@ -37,6 +37,26 @@ lint:
 bench *flags: build
     go run ./bench -caddy "$(go run ./internal/buildrecipe -output)" {{flags}}
 
+# A change measured: this tree (build B, as `just build` makes it) against a
+# git revision (build A; default HEAD, i.e. the uncommitted changes), both
+# as the waproxy target, alternating in one run of 6 rounds of the chat and
+# plain MB/s figures; the report, with B/A same-round ratios, goes to
+# bench-ab.md. Flags go to the bench: `just ab 5990249 -figures chat -rounds 10`.
+# Benchmark this tree against another revision of it, side by side.
+ab rev="HEAD" *flags: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir=$(mktemp -d)
+    trap 'git worktree remove --force "$dir/src" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+    git worktree add -q --detach "$dir/src" "{{rev}}"
+    # the same recipe, this module taken from the worktree, the binary in $dir
+    recipe=$(go run ./internal/buildrecipe)
+    recipe=${recipe//caddy-waproxy@v0.0.0=./caddy-waproxy@v0.0.0=$dir/src}
+    recipe=${recipe/--output .\/caddy/--output $dir/caddy-a}
+    go tool xcaddy $recipe
+    go run ./bench -caddy "$dir/caddy-a" -caddy-b "$(go run ./internal/buildrecipe -output)" \
+        -targets waproxy,waproxy-b -figures chat,bulk -rounds 6 -out bench-ab.md {{flags}}
+
 # Flags go to go test: `just bench-go -benchtime 2s -count 5`. The dialer
 # benchmarks against microsocks are skipped without it.
 # Go benchmarks of the hot paths (matchers, relay, dialers): ns/op, B/op, allocs/op.

@@ -987,6 +987,52 @@ func TestDocumentSections(t *testing.T) {
 	}
 }
 
+// The report of an A/B run (just ab): the two builds side by side with
+// B/A ratios, the builds named in the method, and no baseline section
+// (HAProxy is not in the run).
+func TestDocumentAB(t *testing.T) {
+	cfg, err := parseFlags([]string{"-figures", "chat", "-targets", "waproxy,waproxy-b", "-caddy", "/builds/a", "-caddy-b", "/builds/b", "-rounds", "3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bench{cfg: cfg}
+	var ts []*target
+	for _, tg := range allTargets() {
+		if slices.Contains(cfg.targets, tg.name) {
+			ts = append(ts, tg)
+		}
+	}
+	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
+	// B is 10 % faster in every round; the rounds' levels differ.
+	for round, a := range []float64{1000, 1200, 900} {
+		b.res.set("chat", buildA, round, a)
+		b.res.set("chat", buildB, round, a*1.1)
+	}
+	var out bytes.Buffer
+	b.writeDocument(&out)
+	doc := out.String()
+	for _, want := range []string{
+		"## Build B against build A",
+		"waproxy runs `/builds/a` (A), waproxy-b runs `/builds/b` (B)",
+		"| figure | waproxy | waproxy-b | waproxy-b/waproxy |",
+		"| chat conn/s, 32 workers, 5s | 1,000 | 1,100 | 1.10× |",
+		"**waproxy-b**: waproxy's config run by a second build, `/builds/b` (`-caddy-b`)",
+	} {
+		if !strings.Contains(doc, want) {
+			t.Errorf("report lacks %q:\n%s", want, doc)
+		}
+	}
+	if strings.Contains(doc, "Every target against") {
+		t.Errorf("report has a section against %s, which did not run", baseline)
+	}
+	// without -caddy-b the target does not run, and says why
+	ts = []*target{{name: buildB, kind: kindCaddy, buildB: true, modules: []string{"layer4"}}}
+	resolveTargets(context.Background(), ts, &binaries{caddy: "/nonexistent/caddy"}, false)
+	if ts[0].notRun != "no -caddy-b build given" {
+		t.Errorf("waproxy-b without -caddy-b: notRun %q", ts[0].notRun)
+	}
+}
+
 // The report of a tlsbulk-only run: the TLS table with both rows and a
 // ratio against the baseline, the same-round ratios, the certificate and
 // the method's line for it, and none of the tls figure's.

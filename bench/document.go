@@ -42,6 +42,9 @@ func (m *machine) fill(ctx context.Context, cfg *config) {
 	m.haproxy = firstLine(ctx, cfg.haproxy, "-v")
 	m.openssl = haproxySSL(ctx, cfg.haproxy)
 	m.caddy = firstLine(ctx, cfg.caddy, "version")
+	if cfg.caddyB != "" {
+		m.caddy += "; build B: " + firstLine(ctx, cfg.caddyB, "version")
+	}
 	m.commit = firstLine(ctx, "git", "rev-parse", "--short", "--verify", "-q", "HEAD")
 	if m.commit == "" || strings.Contains(m.commit, "exit status") {
 		m.commit = "no commit yet"
@@ -112,14 +115,23 @@ func (b *bench) writeDocument(w io.Writer) {
 			fmt.Fprintf(w, "- %s\n", f)
 		}
 	}
-	fmt.Fprintf(w, "\n## Every target against %s (same-round ratios, median)\n\n", baseline)
-	b.res.writeRatios(w)
+	if b.res.hasTarget(baseline) {
+		fmt.Fprintf(w, "\n## Every target against %s (same-round ratios, median)\n\n", baseline)
+		b.res.writeRatios(w)
+	}
 	if b.res.hasExitHop() {
 		fmt.Fprintf(w, "\n## The SOCKS5 exit hop (medians; same-round ratios, median)\n\n")
 		fmt.Fprintf(w, "%s is waproxy with its SOCKS5 dialer to a local microsocks (client → waproxy → microsocks → edge; "+
 			"its memory and CPU figures are the Caddy process's alone); %s is that exit hop alone (client → microsocks → edge: "+
 			"the client speaks SOCKS5), since HAProxy has no SOCKS5.\n\n", viaSOCKS, socksOnly)
 		b.res.writeExitHop(w)
+	}
+	if b.res.hasAB() {
+		fmt.Fprintf(w, "\n## Build B against build A (medians; same-round ratios, median)\n\n")
+		fmt.Fprintf(w, "%s runs `%s` (A), %s runs `%s` (B), with the same config; the rounds alternate them with the rest. "+
+			"Read a ratio against its round-to-round spread (the raw numbers below) before calling it a change.\n\n",
+			buildA, cfg.caddy, buildB, cfg.caddyB)
+		b.res.writeAB(w)
 	}
 	if b.has("idle") {
 		if cfg.scaling {
@@ -174,6 +186,10 @@ func (b *bench) writeMethod(w io.Writer) {
 			"WhatsApp-shaped traffic: each connection starts with the 43-byte hello `57 41 06 03 00 00 24 12 22 0A 20` + 32 random bytes, then frames (3-byte big-endian length + payload); the echo edge echoes every byte.",
 		"Targets: **direct** (client to edge); **haproxy-official**: HAProxy from Debian, TCP mode, shaped like the official WhatsApp proxy config (`maxconn 27500`, frontend `maxconn 27495`, `tune.bufsize 4096`, `timeout connect 5s`, `client/server 200s`, `client-fin/server-fin 1s`), one frontend, the edge as the only server, without `send-proxy` and without health checks, run with `-db` (foreground, one process, no master-worker) so the pid measured is the one holding the connections; `no strict-limits` is added so it starts when the descriptor limit is below the 2×maxconn it asks for (it then runs with the limit it has); **haproxy-16k**: the same with `tune.bufsize 16384`; **caddy-l4**: stock caddy-l4 in the same Caddy binary, one layer4 route with its `proxy` handler; **waproxy**: the same binary, a `wa_xmpp` matcher and `wa_proxy` (direct dialer, `allow 127.0.0.1`); **waproxy-socks5**: the same with the SOCKS5 dialer (`via socks5`) to a microsocks (Debian's microsocks, no authentication) started afresh with every run, the edge the destination it connects to; **microsocks**: that exit hop alone, a fresh microsocks per run, the client doing a SOCKS5 CONNECT (no authentication, greeting and request one after the other) to the edge on every connection before its hello. The Caddy targets run `caddy run --config` with the admin endpoint on a loopback port and logs at WARN. For waproxy-socks5 the memory and CPU figures are the Caddy process's alone; the microsocks target measures the exit hop's own.",
 		fmt.Sprintf("Rounds: %d. In each round every figure is measured for every target in turn, the target order rotated by one each round; every run starts a fresh proxy process and stops it afterwards. Medians over rounds; ratios are computed within a round, then their median is taken.", cfg.rounds),
+	}
+	if b.res.hasTarget(buildB) {
+		lines = append(lines, fmt.Sprintf("**%s**: %s's config run by a second build, `%s` (`-caddy-b`), next to %s run by `%s`, for comparing a change's after with its before in one run.",
+			buildB, buildA, cfg.caddyB, buildA, cfg.caddy))
 	}
 	if b.has("chat") {
 		lines = append(lines, fmt.Sprintf("**Chat conn/s**: %d workers, each in a loop: connect, send the hello and one 100-byte frame in one write, read the full echo (checked byte for byte), close. %s of warm-up, then %s measured; conn/s = completed exchanges / time until the last worker stopped. Latency is per exchange, from the start of connect to the last echoed byte (p50/p99 over all exchanges of the run). Proxy CPU is the proxy process's user + system time (/proc/PID/stat, all threads) during the measured part, divided by the exchanges; it is less sensitive to other load on the machine than conn/s.", cfg.workers, warm, cfg.duration))

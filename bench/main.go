@@ -38,6 +38,7 @@ import (
 // config is the command line.
 type config struct {
 	caddy, haproxy, out string
+	caddyB              string
 	microsocks          string
 	rounds              int
 	duration            time.Duration
@@ -123,6 +124,7 @@ func parseFlags(args []string) (*config, error) {
 	cfg := &config{args: args}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.StringVar(&cfg.caddy, "caddy", "./caddy", "the Caddy binary built with this plugin and caddy-l4")
+	fs.StringVar(&cfg.caddyB, "caddy-b", "", "a second such build, run as the waproxy-b target next to waproxy (-caddy): a change's after against its before (just ab)")
 	fs.StringVar(&cfg.haproxy, "haproxy", "/usr/sbin/haproxy", "the HAProxy binary (Debian's haproxy package)")
 	fs.StringVar(&cfg.microsocks, "microsocks", "/usr/bin/microsocks", "the SOCKS5 server of the waproxy-socks5 and microsocks targets (Debian's microsocks package)")
 	fs.StringVar(&cfg.out, "out", "docs/bench-latest.md", "where to write the markdown report")
@@ -284,12 +286,15 @@ type bench struct {
 
 func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	// the proxies run in a temporary directory: make relative paths absolute
-	for _, p := range []*string{&cfg.caddy, &cfg.haproxy, &cfg.microsocks} {
+	for _, p := range []*string{&cfg.caddy, &cfg.caddyB, &cfg.haproxy, &cfg.microsocks} {
+		if *p == "" {
+			continue
+		}
 		if abs, err := filepath.Abs(*p); err == nil {
 			*p = abs
 		}
 	}
-	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, haproxy: cfg.haproxy, microsocks: cfg.microsocks}}
+	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, caddyB: cfg.caddyB, haproxy: cfg.haproxy, microsocks: cfg.microsocks}}
 	b.info.started = time.Now()
 	b.deadline = b.info.started.Add(cfg.maxTime)
 	var ts []*target

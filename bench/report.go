@@ -388,12 +388,29 @@ func (r *results) writeExitHop(w io.Writer) {
 	if !r.hasExitHop() {
 		return
 	}
+	r.writeCompared(w, []string{"waproxy", viaSOCKS, socksOnly}, [][2]string{{viaSOCKS, "waproxy"}, {viaSOCKS, socksOnly}})
+}
+
+// hasAB reports whether the run has both builds of an A/B run.
+func (r *results) hasAB() bool { return r.hasTarget(buildA) && r.hasTarget(buildB) }
+
+// writeAB writes the two builds of an A/B run side by side, with the
+// same-round ratios of B to A. It writes nothing when hasAB is false.
+func (r *results) writeAB(w io.Writer) {
+	if !r.hasAB() {
+		return
+	}
+	r.writeCompared(w, []string{buildA, buildB}, [][2]string{{buildB, buildA}})
+}
+
+// writeCompared writes a table of the named targets' medians and, for each
+// pair, the same-round ratios of the first to the second. A figure is a row
+// when it applies to a target other than the first.
+func (r *results) writeCompared(w io.Writer, names []string, pairs [][2]string) {
 	var ts []*target
-	for _, name := range []string{"waproxy", viaSOCKS, socksOnly} {
-		for _, t := range r.targets {
-			if t.name == name {
-				ts = append(ts, t)
-			}
+	for _, name := range names {
+		if t := r.target(name); t != nil {
+			ts = append(ts, t)
 		}
 	}
 	head := []string{"figure"}
@@ -401,7 +418,7 @@ func (r *results) writeExitHop(w io.Writer) {
 		head = append(head, t.name)
 	}
 	ratios := [][2]string{}
-	for _, p := range [][2]string{{viaSOCKS, "waproxy"}, {viaSOCKS, socksOnly}} {
+	for _, p := range pairs {
 		if r.hasTarget(p[0]) && r.hasTarget(p[1]) {
 			ratios = append(ratios, p)
 			head = append(head, p[0]+"/"+p[1])
@@ -412,7 +429,7 @@ func (r *results) writeExitHop(w io.Writer) {
 	for _, m := range r.metrics {
 		applies := false
 		for _, t := range ts {
-			applies = applies || (t.name != "waproxy" && m.appliesTo(t))
+			applies = applies || (t.name != names[0] && m.appliesTo(t))
 		}
 		if !applies {
 			continue

@@ -39,6 +39,7 @@ type target struct {
 	modules    []string                     // Caddy: modules the binary must have
 	tlsModules []string                     // Caddy: and those the tls figure needs
 	socks      bool                         // Caddy: dials through a microsocks started with it
+	buildB     bool                         // Caddy: runs the -caddy-b build instead of -caddy
 	notRun     string                       // why the target is not run; "" when it is
 }
 
@@ -63,8 +64,20 @@ func allTargets() []*target {
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
 				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
 		{name: "microsocks", kind: kindSOCKS},
+		// waproxy as the -caddy-b build runs it: two builds side by side
+		// in one run, for a change's before and after (see buildA/buildB).
+		{name: buildB, kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, buildB: true,
+			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"},
+			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
+				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
 	}
 }
+
+// The targets of an A/B run: waproxy from -caddy (A) and from -caddy-b (B).
+const (
+	buildA = "waproxy"
+	buildB = "waproxy-b"
+)
 
 // tlsRuns reports whether target t has a run in the tls figure's
 // certificate row (idle: the idle TLS run). microsocks does not terminate
@@ -181,7 +194,37 @@ func caddyConfig(admin, listen, dir string, routes any, extra map[string]any) ([
 // binaries are the programs the targets run.
 type binaries struct {
 	caddy, haproxy, microsocks string
+	caddyB                     string          // -caddy-b: the build of the waproxy-b target ("" none)
 	caddyModules               map[string]bool // from caddy list-modules
+	caddyBModules              map[string]bool // the same for caddyB
+}
+
+// caddyFor is the Caddy binary target t runs.
+func (bin *binaries) caddyFor(t *target) string {
+	if t.buildB {
+		return bin.caddyB
+	}
+	return bin.caddy
+}
+
+// listModules checks that the Caddy binary at path exists and returns its
+// modules.
+func listModules(ctx context.Context, path string) (map[string]bool, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("%s not found (build it: just build, or go tool xcaddy build ... --output %s)", path, path)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	out, err := exec.CommandContext(cctx, path, "list-modules").Output()
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("%s list-modules: %w", path, err)
+	}
+	mods := map[string]bool{}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		mods[strings.TrimSpace(sc.Text())] = true
+	}
+	return mods, nil
 }
 
 // resolveTargets checks the binaries and modules each target needs (with
@@ -195,21 +238,10 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bo
 	if _, err := os.Stat(bin.microsocks); err != nil {
 		socksErr = fmt.Errorf("%s not found (apt-get install microsocks)", bin.microsocks)
 	}
-	if _, err := os.Stat(bin.caddy); err != nil {
-		caddyErr = fmt.Errorf("%s not found (build it: just build, or go tool xcaddy build ... --output %s)", bin.caddy, bin.caddy)
-	} else {
-		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		out, err := exec.CommandContext(cctx, bin.caddy, "list-modules").Output()
-		cancel()
-		if err != nil {
-			caddyErr = fmt.Errorf("%s list-modules: %w", bin.caddy, err)
-		} else {
-			bin.caddyModules = map[string]bool{}
-			sc := bufio.NewScanner(bytes.NewReader(out))
-			for sc.Scan() {
-				bin.caddyModules[strings.TrimSpace(sc.Text())] = true
-			}
-		}
+	bin.caddyModules, caddyErr = listModules(ctx, bin.caddy)
+	caddyBErr := errors.New("no -caddy-b build given")
+	if bin.caddyB != "" && slices.ContainsFunc(ts, func(t *target) bool { return t.buildB }) {
+		bin.caddyBModules, caddyBErr = listModules(ctx, bin.caddyB)
 	}
 	for _, t := range ts {
 		switch t.kind {
@@ -222,8 +254,12 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bo
 				t.notRun = socksErr.Error()
 			}
 		case kindCaddy:
-			if caddyErr != nil {
-				t.notRun = caddyErr.Error()
+			mods, err := bin.caddyModules, caddyErr
+			if t.buildB {
+				mods, err = bin.caddyBModules, caddyBErr
+			}
+			if err != nil {
+				t.notRun = err.Error()
 				continue
 			}
 			if t.socks && socksErr != nil {
@@ -236,12 +272,12 @@ func resolveTargets(ctx context.Context, ts []*target, bin *binaries, withTLS bo
 				need = append(slices.Clone(need), t.tlsModules...)
 			}
 			for _, m := range need {
-				if !bin.caddyModules[m] {
+				if !mods[m] {
 					missing = append(missing, m)
 				}
 			}
 			if len(missing) > 0 {
-				t.notRun = fmt.Sprintf("%s lacks module(s) %s", bin.caddy, strings.Join(missing, ", "))
+				t.notRun = fmt.Sprintf("%s lacks module(s) %s", bin.caddyFor(t), strings.Join(missing, ", "))
 			}
 		}
 	}
@@ -369,7 +405,7 @@ func (t *target) startProxy(ctx context.Context, dir, base string, bin *binaries
 		if err := os.WriteFile(base+".json", cfg, 0o600); err != nil {
 			return nil, err
 		}
-		cmd = exec.Command(bin.caddy, "run", "--config", base+".json")
+		cmd = exec.Command(bin.caddyFor(t), "run", "--config", base+".json")
 		cmd.Env = append(os.Environ(),
 			"HOME="+dir,
 			"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
