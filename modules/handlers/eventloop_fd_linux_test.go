@@ -135,3 +135,69 @@ func TestHandOverLeavesOneDescriptor(t *testing.T) {
 		})
 	}
 }
+
+// TestRelayedClientHasNoKeepAlive: the client's socket comes from accept
+// with Go's TCP keep-alive on (probes after 15 s of silence); once a relay
+// carries it, keep-alive is off, in every relay mode and when the loop
+// connects (see clientKeepAlive).
+func TestRelayedClientHasNoKeepAlive(t *testing.T) {
+	// watch returns a function reading SO_KEEPALIVE of c's socket through a
+	// descriptor of the test's own, which sees the socket after the
+	// hand-over closed Go's; closing it (before the pair ends, see pair) is
+	// left to the caller.
+	watch := func(t *testing.T, c net.Conn) (keepAlive func() int, look int) {
+		raw, err := c.(syscall.Conn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = raw.Control(func(fd uintptr) { look, err = unix.Dup(int(fd)) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		keepAlive = func() int {
+			v, err := unix.GetsockoptInt(look, unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v
+		}
+		if keepAlive() != 1 {
+			t.Fatal("the accepted socket has no keep-alive to begin with: the test shows nothing")
+		}
+		return keepAlive, look
+	}
+	waitOff := func(t *testing.T, keepAlive func() int, look int) {
+		defer unix.Close(look)
+		deadline := time.Now().Add(5 * time.Second)
+		for keepAlive() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("the relayed client's socket still has TCP keep-alive on")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	relayModes(t, func(t *testing.T) {
+		s := newCutSockets(t)
+		keepAlive, look := watch(t, s.proxyClient)
+		_, ended := startCarry(t, s, nil)
+		waitOff(t, keepAlive, look)
+		s.client.Close()
+		s.upstream.Close()
+		<-ended
+	})
+	t.Run("loop connects", func(t *testing.T) {
+		if !loopEnabled() {
+			t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")
+		}
+		client, proxyClient := connectPair(t)
+		keepAlive, look := watch(t, proxyClient)
+		res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{echoAddrPort(t)}, 5*time.Second)
+		if err != nil {
+			unix.Close(look)
+			t.Fatal(err)
+		}
+		waitOff(t, keepAlive, look)
+		client.Close()
+		waitResult(t, res)
+	})
+}

@@ -107,6 +107,7 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 	// close of the client when the handler returns is then a no-op.
 	_ = upstream.Close()
 	_ = client.Close()
+	_ = rawKeepAliveOff(cfd) // see clientKeepAlive
 	p := newPair(cfd, ufd, idle, n, [2]prometheus.Counter{fromClient, fromUpstream}, done)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
 	// If add fails, the pair is closed and done has been called: cut is
@@ -736,6 +737,7 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 	if err != nil {
 		return nil, false
 	}
+	_ = cdup.SetKeepAlive(false) // see clientKeepAlive
 	// The upstream is the relay's already (carry's callers leave it to
 	// carry): no copy needed, unlike the client's socket, which caddy-l4
 	// closes when the handler returns.

@@ -445,6 +445,14 @@ func offloadEnds(rc *registry.Conn, done func(pairStats, error), release func())
 	}
 }
 
+// clientKeepAlive: a relayed client's socket has no TCP keep-alive. Go
+// turns it on for every accepted connection (probes after 15 s of silence,
+// caddy-l4 listens with Go's defaults); on an idle WhatsApp connection that
+// is a packet to the phone and its answer every 15 s, waking its radio,
+// which the app's own keepalives are spaced to avoid. The official HAProxy
+// config has none either (no clitcpka); wa_proxy's idle_timeout ends dead
+// connections. The relays turn it off when they take a client over.
+
 // carry relays client and up until both directions end: on the event loop
 // when it can take them, or on wake-ups for a TLS-terminated client
 // (offloadTLS; carry then returns true at once, and done and release run on
@@ -471,6 +479,9 @@ func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 		return true
 	}
 	defer up.Close()
+	if tc := tcpUnder(client); tc != nil {
+		_ = tc.SetKeepAlive(false) // see clientKeepAlive
+	}
 	// Closing both connections ends both copy loops at once; net.Conn's
 	// Close is safe from any goroutine.
 	var cut atomic.Bool
