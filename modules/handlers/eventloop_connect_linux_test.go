@@ -92,6 +92,9 @@ type connectResult struct {
 // or the synchronous error.
 func startConnectRelay(t *testing.T, proxyClient net.Conn, addrs []netip.AddrPort, timeout time.Duration) (<-chan connectResult, func(), error) {
 	t.Helper()
+	if !loopEnabled() {
+		t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")
+	}
 	var n [2]atomic.Int64
 	res := make(chan connectResult, 1)
 	cut, ok, err := offloadConnect(proxyClient, "dest.example:443", addrs, [][]byte{[]byte("hel"), []byte("lo")}, 5,
