@@ -185,6 +185,15 @@ func TestRelayedClientHasNoKeepAlive(t *testing.T) {
 		s.upstream.Close()
 		<-ended
 	})
+	t.Run("TLS terminated", func(t *testing.T) {
+		var keepAlive func() int
+		var look int
+		tr := startTLSRelayWith(t, time.Minute, nil, func(c *net.TCPConn) { keepAlive, look = watch(t, c) })
+		waitOff(t, keepAlive, look)
+		_ = tr.client.Close()
+		_ = tr.upstream.Close()
+		<-tr.ended
+	})
 	t.Run("loop connects", func(t *testing.T) {
 		if !loopEnabled() {
 			t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")

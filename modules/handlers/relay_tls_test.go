@@ -115,6 +115,13 @@ type tlsRelay struct {
 // pre runs before carry, as TestCutBeforeRelay's does.
 func startTLSRelay(t testing.TB, idle time.Duration, burst []string, pre ...func(rc *registry.Conn)) *tlsRelay {
 	t.Helper()
+	return startTLSRelayWith(t, idle, burst, nil, pre...)
+}
+
+// startTLSRelayWith is startTLSRelay; onAccepted, unless nil, is called with
+// the proxy's end of the TCP connection before carry takes it.
+func startTLSRelayWith(t testing.TB, idle time.Duration, burst []string, onAccepted func(*net.TCPConn), pre ...func(rc *registry.Conn)) *tlsRelay {
+	t.Helper()
 	cert, err := testCert()
 	if err != nil {
 		t.Fatal(err)
@@ -169,6 +176,9 @@ func startTLSRelay(t testing.TB, idle time.Duration, burst []string, pre ...func
 	tr.rc.SetCut(func() { _ = server.Close() })
 	for _, f := range pre {
 		f(tr.rc)
+	}
+	if onAccepted != nil {
+		onAccepted(accepted)
 	}
 	go func() {
 		var relayErr error
