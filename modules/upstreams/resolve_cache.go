@@ -15,13 +15,15 @@ import (
 // name resolved to.
 const DefaultResolveCache = 30 * time.Second
 
-// resolveCacheMax is the number of names above which a lookup first drops
-// the entries nobody asked for in resolveCacheForget (wa_http's CONNECT
-// may name any allowed host, and WhatsApp's media hosts are many).
-const (
-	resolveCacheMax    = 1024
-	resolveCacheForget = 10 * time.Minute
-)
+// resolveCacheMax bounds the names kept: a new one first drops the
+// entries nobody asked for in resolveCacheForget, and is not kept (it is
+// resolved for the connection alone) while the cache is still full. The
+// proxy is open to anyone: wa_http's CONNECT may name any allowed host
+// (*.whatsapp.net), so the names are the clients' choice. A name whose
+// first lookup failed is not kept either. (A var for the tests.)
+var resolveCacheMax = 4096
+
+const resolveCacheForget = 10 * time.Minute
 
 // The addresses names resolved to, shared by every direct dialer of the
 // process (so they survive config reloads): a chat connection then does
@@ -42,6 +44,7 @@ type resolveKey struct {
 }
 
 type resolveEntry struct {
+	key     resolveKey
 	addrs   []netip.Addr // the last good answer; nil before the first
 	at      time.Time    // when addrs were looked up
 	used    time.Time    // when the entry was last asked for
@@ -86,7 +89,11 @@ func (c *resolveCache) lookup(ctx context.Context, r *net.Resolver, network, hos
 		if len(c.entries) >= resolveCacheMax {
 			c.forget(now)
 		}
-		e = new(resolveEntry)
+		if len(c.entries) >= resolveCacheMax {
+			c.mu.Unlock()
+			return r.LookupNetIP(ctx, network, host) // full: resolved, not kept
+		}
+		e = &resolveEntry{key: k}
 		c.entries[k] = e
 	}
 	e.used = now
@@ -128,10 +135,15 @@ func (c *resolveCache) finish(e *resolveEntry, f *lookupFlight, addrs []netip.Ad
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e.flight = nil
-	if err == nil {
+	switch {
+	case err == nil:
 		e.addrs, e.at = addrs, time.Now()
-	} else {
-		e.retryAt = time.Now().Add(refreshRetry) // e.addrs, if any, stay
+	case e.addrs == nil: // a name that never resolved is not kept
+		if c.entries[e.key] == e {
+			delete(c.entries, e.key)
+		}
+	default:
+		e.retryAt = time.Now().Add(refreshRetry) // e.addrs stay
 	}
 	f.addrs, f.err = addrs, err
 	close(f.done)

@@ -3,6 +3,7 @@ package upstreams
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strconv"
@@ -303,5 +304,62 @@ func TestDirectDialCachedName(t *testing.T) {
 	_, err := d.DialContext(ctxTODO, "tcp", net.JoinHostPort("edge.test", strconv.Itoa(testutil.FreePort(t))))
 	if err == nil || !strings.HasPrefix(err.Error(), "dial edge.test:") || !strings.HasSuffix(err.Error(), "connect: connection refused") {
 		t.Fatalf("dial of a closed port: %v", err)
+	}
+}
+
+// TestResolveCacheBounded: the cache keeps what clients cannot grow
+// without bound: a name whose lookup failed is not kept, and past
+// resolveCacheMax names a new one is resolved for its connection alone.
+func TestResolveCacheBounded(t *testing.T) {
+	table := map[string][]netip.Addr{}
+	for i := range 5 {
+		table[fmt.Sprintf("kept%d.test.", i)] = chatAddrs
+	}
+	dns := startDNS(t, table)
+	d := cachingDirect(t, dns, time.Hour)
+	kept := func() int {
+		names.mu.Lock()
+		defer names.mu.Unlock()
+		n := 0
+		for k := range names.entries {
+			if k.resolver == d.resolver {
+				n++
+			}
+		}
+		return n
+	}
+	for i := range 20 { // names that do not exist, as a client may ask for
+		if _, err := d.Resolve(ctxTODO, "tcp4", fmt.Sprintf("nx%d.test:443", i)); err == nil {
+			t.Fatalf("nx%d.test resolved", i)
+		}
+	}
+	if n := kept(); n != 0 {
+		t.Fatalf("%d names kept after 20 failed lookups, want 0", n)
+	}
+
+	names.mu.Lock()
+	saved := resolveCacheMax
+	resolveCacheMax = len(names.entries) + 2 // room for two more
+	names.mu.Unlock()
+	t.Cleanup(func() {
+		names.mu.Lock()
+		resolveCacheMax = saved
+		names.mu.Unlock()
+	})
+	resolveAll := func() {
+		for i := range 5 {
+			if _, err := d.Resolve(ctxTODO, "tcp4", fmt.Sprintf("kept%d.test:443", i)); err != nil {
+				t.Fatalf("kept%d.test: %v", i, err)
+			}
+		}
+	}
+	resolveAll()
+	if n := kept(); n != 2 {
+		t.Fatalf("%d names kept with room for 2, want 2", n)
+	}
+	before := dns.queries.Load()
+	resolveAll()
+	if n := dns.queries.Load() - before; n != 3 {
+		t.Fatalf("%d queries for the second round of 5 names, 2 of them kept; want 3", n)
 	}
 }
