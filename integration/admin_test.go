@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -371,5 +373,51 @@ func TestAdminTunnelAndErrors(t *testing.T) {
 			}
 			break
 		}
+	}
+}
+
+// TestAdminNames: after wa_proxy reached its destination by name, GET
+// /waproxy/names lists the name with the addresses it resolved to (here
+// from /etc/hosts), and a second connection adds nothing.
+func TestAdminNames(t *testing.T) {
+	edge := testutil.StartEcho(t)
+	_, edgePort, _ := net.SplitHostPort(edge.Addr)
+	listen := testutil.FreeAddr(t)
+	c := testutil.StartCaddy(t, proxyConfig(listen, []obj{
+		chatRoute(obj{"destination": "localhost:" + edgePort, "allow": []string{"localhost", "127.0.0.0/8", "::1"}}),
+	}, "", nil))
+	for range 2 {
+		conn := dial(t, listen)
+		exchange(t, conn, waHello())
+		conn.Close()
+	}
+	var reply struct {
+		Names []struct {
+			Host      string    `json:"host"`
+			Network   string    `json:"network"`
+			Addresses []string  `json:"addresses"`
+			Resolved  time.Time `json:"resolved"`
+		} `json:"names"`
+		Unreachable []any `json:"unreachable"`
+	}
+	body := adminGet(t, c, "/waproxy/names")
+	if err := json.Unmarshal(body, &reply); err != nil {
+		t.Fatalf("names JSON: %v: %s", err, body)
+	}
+	listed := 0
+	for _, n := range reply.Names {
+		if n.Host != "localhost" {
+			continue
+		}
+		listed++
+		if n.Network != "ip" || !slices.Contains(n.Addresses, "127.0.0.1") || time.Since(n.Resolved) > time.Minute {
+			t.Fatalf("localhost listed as %+v", n)
+		}
+	}
+	if listed != 1 {
+		t.Fatalf("localhost listed %d times, want once: %s", listed, body)
+	}
+	if reply.Unreachable == nil {
+		t.Fatalf("no unreachable list (want [] when empty): %s", body)
 	}
 }

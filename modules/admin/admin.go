@@ -12,6 +12,7 @@ import (
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 	"github.com/waproxy/caddy-waproxy/modules/registry"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
 func init() {
@@ -27,8 +28,8 @@ const EventBuffer = 256
 const keepaliveInterval = 15 * time.Second
 
 // API (module `admin.api.waproxy`) serves the live connections, the
-// configured dialers and a stream of connection events on Caddy's admin
-// endpoint. Caddy mounts every registered `admin.api.*` module; it takes
+// configured dialers, the direct dialer's resolved names and a stream of
+// connection events on Caddy's admin endpoint. Caddy mounts every registered `admin.api.*` module; it takes
 // no configuration.
 type API struct{}
 
@@ -54,6 +55,7 @@ func (a *API) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/waproxy/connections", Handler: caddy.AdminHandlerFunc(a.connections)},
 		{Pattern: "/waproxy/upstreams", Handler: caddy.AdminHandlerFunc(a.upstreams)},
+		{Pattern: "/waproxy/names", Handler: caddy.AdminHandlerFunc(a.names)},
 		{Pattern: "/waproxy/events", Handler: caddy.AdminHandlerFunc(a.events)},
 	}
 }
@@ -85,6 +87,23 @@ func (a *API) upstreams(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	return writeJSON(w, registry.Dialers())
+}
+
+// namesReply is GET /waproxy/names's answer.
+type namesReply struct {
+	// Names are the direct dialer's resolve cache.
+	Names []upstreams.Name `json:"names"`
+	// Unreachable are the addresses tried last after a connect timed out.
+	Unreachable []upstreams.UnreachableAddress `json:"unreachable"`
+}
+
+// names answers GET /waproxy/names with the direct dialer's resolve cache
+// and the addresses it tries last.
+func (a *API) names(w http.ResponseWriter, r *http.Request) error {
+	if err := onlyGET(r); err != nil {
+		return err
+	}
+	return writeJSON(w, namesReply{Names: upstreams.Names(), Unreachable: upstreams.UnreachableAddresses()})
 }
 
 // events streams connection events as Server-Sent Events until the client

@@ -2,8 +2,10 @@ package admin
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/waproxy/caddy-waproxy/modules/registry"
+	"github.com/waproxy/caddy-waproxy/modules/upstreams"
 )
 
 // blockingWriter is a ResponseWriter whose writes wait until release is
@@ -170,5 +173,43 @@ func TestUpstreamsHealth(t *testing.T) {
 	aHealthy.Store(true)
 	if got, want := get(), head+`{"upstream":"socks5 127.0.0.1:1080","healthy":true,"destination":"g.whatsapp.net:5222","last_check":"2026-11-22T03:00:00Z"},`+b; got != want {
 		t.Fatalf("GET /waproxy/upstreams after recovery:\n got %s\nwant %s", got, want)
+	}
+}
+
+// TestNamesUnreachable pins the unreachable part of GET /waproxy/names: an
+// address noted as timed out is listed with when, and leaves the list
+// once a connect to it succeeds. (The names part is tested end to end in
+// integration: it needs a dialer that resolved something.)
+func TestNamesUnreachable(t *testing.T) {
+	ap := netip.MustParseAddrPort("[2001:db8::53]:5222")
+	t.Cleanup(func() { upstreams.NoteConnected(ap) })
+	get := func() string {
+		rec := httptest.NewRecorder()
+		if err := new(API).names(rec, httptest.NewRequest(http.MethodGet, "/waproxy/names", nil)); err != nil {
+			t.Fatal(err)
+		}
+		if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+			t.Fatalf("Content-Type %q", ct)
+		}
+		return rec.Body.String()
+	}
+	if got := get(); !strings.Contains(got, `"unreachable":[]`) {
+		t.Fatalf("nothing noted: %s", got)
+	}
+	upstreams.NoteTimeout(ap)
+	got := get()
+	var reply struct {
+		Unreachable []struct {
+			Address string    `json:"address"`
+			Since   time.Time `json:"since"`
+		} `json:"unreachable"`
+	}
+	if err := json.Unmarshal([]byte(got), &reply); err != nil || len(reply.Unreachable) != 1 ||
+		reply.Unreachable[0].Address != "[2001:db8::53]:5222" || time.Since(reply.Unreachable[0].Since) > time.Minute {
+		t.Fatalf("after a time-out of %v: %s (%v)", ap, got, err)
+	}
+	upstreams.NoteConnected(ap)
+	if got := get(); !strings.Contains(got, `"unreachable":[]`) {
+		t.Fatalf("after a connect succeeded: %s", got)
 	}
 }

@@ -1,9 +1,12 @@
 package upstreams
 
 import (
+	"cmp"
 	"context"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -137,6 +140,9 @@ func (c *resolveCache) finish(e *resolveEntry, f *lookupFlight, addrs []netip.Ad
 	e.flight = nil
 	switch {
 	case err == nil:
+		for i, a := range addrs { // LookupNetIP gives IPv4 as ::ffff:a.b.c.d
+			addrs[i] = a.Unmap()
+		}
 		e.addrs, e.at = addrs, time.Now()
 	case e.addrs == nil: // a name that never resolved is not kept
 		if c.entries[e.key] == e {
@@ -177,4 +183,36 @@ func (c *resolveCache) forget(now time.Time) {
 			delete(c.entries, k)
 		}
 	}
+}
+
+// Name is a name in the resolve cache, as GET /waproxy/names shows it.
+type Name struct {
+	// Host is the name.
+	Host string `json:"host"`
+	// Network is what was looked up: "ip" (IPv4 and IPv6), "ip4" or "ip6".
+	Network string `json:"network"`
+	// Addresses are the addresses connections use, in the resolver's order.
+	Addresses []netip.Addr `json:"addresses"`
+	// Resolved is when they were looked up.
+	Resolved time.Time `json:"resolved"`
+	// Failing is whether the last refresh failed (the addresses are older
+	// than the resolve_cache period, and in use).
+	Failing bool `json:"failing,omitempty"`
+}
+
+// Names returns the names in the resolve cache that have addresses, sorted
+// by host and network.
+func Names() []Name {
+	names.mu.Lock()
+	out := make([]Name, 0, len(names.entries))
+	for k, e := range names.entries {
+		if e.addrs != nil {
+			out = append(out, Name{Host: k.host, Network: k.network, Addresses: slices.Clone(e.addrs), Resolved: e.at, Failing: e.failing})
+		}
+	}
+	names.mu.Unlock()
+	slices.SortFunc(out, func(a, b Name) int {
+		return cmp.Or(strings.Compare(a.Host, b.Host), strings.Compare(a.Network, b.Network))
+	})
+	return out
 }

@@ -1,6 +1,7 @@
 package upstreams
 
 import (
+	"cmp"
 	"net/netip"
 	"slices"
 	"sync"
@@ -98,4 +99,31 @@ func Unreachable(ap netip.AddrPort) bool {
 	defer unreachable.mu.Unlock()
 	t, ok := unreachable.since[ap]
 	return ok && time.Since(t) < unreachableFor
+}
+
+// UnreachableAddress is an address Resolve puts last, as GET /waproxy/names
+// shows it.
+type UnreachableAddress struct {
+	// Address is the address and port whose connect timed out.
+	Address netip.AddrPort `json:"address"`
+	// Since is when; it goes back to its place unreachableFor later.
+	Since time.Time `json:"since"`
+}
+
+// UnreachableAddresses returns the addresses whose connect timed out within
+// unreachableFor, oldest first.
+func UnreachableAddresses() []UnreachableAddress {
+	now := time.Now()
+	unreachable.mu.Lock()
+	out := make([]UnreachableAddress, 0, len(unreachable.since))
+	for ap, t := range unreachable.since {
+		if now.Sub(t) < unreachableFor {
+			out = append(out, UnreachableAddress{Address: ap, Since: t})
+		}
+	}
+	unreachable.mu.Unlock()
+	slices.SortFunc(out, func(a, b UnreachableAddress) int {
+		return cmp.Or(a.Since.Compare(b.Since), a.Address.Compare(b.Address))
+	})
+	return out
 }
