@@ -39,9 +39,10 @@ bench *flags: build
 
 # A change measured: this tree (build B, as `just build` makes it) against a
 # git revision (build A; default HEAD, i.e. the uncommitted changes), both
-# as the waproxy target, alternating in one run of 6 rounds of the chat and
-# plain MB/s figures; the report, with B/A same-round ratios, goes to
-# bench-ab.md. Flags go to the bench: `just ab 5990249 -figures chat -rounds 10`.
+# as the waproxy target, alternating in one run of 6 rounds of the chat,
+# plain MB/s and idle memory (9,000 held, one process) figures, about 4
+# minutes; the report, with B/A same-round ratios, goes to bench-ab.md.
+# Flags go to the bench: `just ab 5990249 -figures chat -rounds 10`.
 # Benchmark this tree against another revision of it, side by side.
 ab rev="HEAD" *flags: build
     #!/usr/bin/env bash
@@ -55,7 +56,7 @@ ab rev="HEAD" *flags: build
     recipe=${recipe/--output .\/caddy/--output $dir/caddy-a}
     go tool xcaddy $recipe
     go run ./bench -caddy "$dir/caddy-a" -caddy-b "$(go run ./internal/buildrecipe -output)" \
-        -targets waproxy,waproxy-b -figures chat,bulk -rounds 6 -out bench-ab.md {{flags}}
+        -targets waproxy,waproxy-b -figures chat,bulk,idle -scaling=false -rounds 6 -out bench-ab.md {{flags}}
 
 # Flags go to go test: `just bench-go -benchtime 2s -count 5`. The dialer
 # benchmarks against microsocks are skipped without it.
