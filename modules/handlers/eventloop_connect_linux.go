@@ -44,16 +44,10 @@ type connectState struct {
 	timer     *time.Timer // made by the first startAttempt
 }
 
-// startAttempt gives the address just tried its share of the time left, as
-// Go's net.Dialer does: an equal share per address left, at least 2s while
-// there is that much (a silent address does not use up the others' time).
-// The timer calls expired when the share has passed.
+// startAttempt gives the address just tried its upstreams.AttemptShare of
+// the time left. The timer calls expired when the share has passed.
 func (cs *connectState) startAttempt(now time.Time, expired func()) {
-	left := cs.deadline.Sub(now)
-	share := left / time.Duration(1+len(cs.addrs))
-	if share < 2*time.Second {
-		share = min(left, 2*time.Second)
-	}
+	share := upstreams.AttemptShare(cs.deadline.Sub(now), 1+len(cs.addrs))
 	cs.attemptBy = now.Add(share)
 	if cs.timer == nil {
 		cs.timer = time.AfterFunc(share, expired)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
@@ -35,6 +36,21 @@ type Dialer interface {
 // are *DialError values, as DialContext's.
 type Resolver interface {
 	Resolve(ctx context.Context, network, address string) ([]netip.AddrPort, error)
+}
+
+// AttemptShare is how long a connect to one of a name's addresses may take
+// when left is the time that remains and addrsLeft addresses (this one
+// included) are still to try: an equal share, but at least 2 s while there
+// is that much, so a silent address does not use up the others' time. It is
+// net.Dialer's rule for a name (partialDeadline); the direct dialer and
+// wa_proxy's event loop, which connect to a name's addresses themselves,
+// both keep it.
+func AttemptShare(left time.Duration, addrsLeft int) time.Duration {
+	share := left / time.Duration(max(addrsLeft, 1))
+	if share < 2*time.Second {
+		share = min(left, 2*time.Second)
+	}
+	return share
 }
 
 // DialError is the error dialers return. Kind is one of the metrics.Kind*

@@ -216,8 +216,6 @@ func checkResolved(allow *Allowlist, addr string) error {
 	return checkResolvedAddr(allow, ap.Addr())
 }
 
-// checkResolvedAddr refuses an internal address the allowlist does not
-// reach.
 // errNotIP is parseIP's answer for a host that cannot be an IP address.
 var errNotIP = errors.New("not an IP address")
 
@@ -231,9 +229,9 @@ func parseIP(host string) (netip.Addr, error) {
 }
 
 // lookup resolves host for Resolve, through the cache (see ResolveCache).
-// It is a function of its own so that
-// Resolve's frame stays small for the common case of an IP address (the
-// handler's goroutine then need not grow its stack).
+// It is a function of its own so that Resolve's frame stays small for the
+// common case of an IP address (the handler's goroutine then need not grow
+// its stack).
 func (dd *Direct) lookup(ctx context.Context, network, address, host string) ([]netip.Addr, error) {
 	ipNetwork := "ip"
 	switch network {
@@ -253,6 +251,8 @@ func (dd *Direct) lookup(ctx context.Context, network, address, host string) ([]
 	return ips, nil
 }
 
+// checkResolvedAddr refuses an internal address the allowlist does not
+// reach.
 func checkResolvedAddr(allow *Allowlist, ip netip.Addr) error {
 	if !allow.AllowsResolved(ip) {
 		name, _ := InternalRange(ip)
@@ -450,22 +450,16 @@ func (dd *Direct) dialAddrs(ctx context.Context, address string, addrs []netip.A
 	}
 }
 
-// dialSerial connects to addrs one after the other, each with an equal
-// share of the time left (at least 2 s while there is that much, as Go's
-// net.Dialer gives each address of a name), returning the first failure
-// when all fail.
+// dialSerial connects to addrs one after the other, each with its
+// AttemptShare of the time left, returning the first failure when all
+// fail.
 func (dd *Direct) dialSerial(ctx context.Context, addrs []netip.AddrPort) (net.Conn, error) {
 	var first error
 	for i, ap := range addrs {
 		actx := ctx
 		if deadline, ok := ctx.Deadline(); ok {
-			left := time.Until(deadline)
-			share := left / time.Duration(len(addrs)-i)
-			if share < 2*time.Second {
-				share = min(left, 2*time.Second)
-			}
 			var cancel context.CancelFunc
-			actx, cancel = context.WithTimeout(ctx, share)
+			actx, cancel = context.WithTimeout(ctx, AttemptShare(time.Until(deadline), len(addrs)-i))
 			defer cancel()
 		}
 		c, err := dd.dialer.DialContext(actx, "tcp", ap.String())

@@ -255,3 +255,26 @@ func TestDirectResolve(t *testing.T) {
 		})
 	}
 }
+
+// TestAttemptShare pins net.Dialer's rule for a name's addresses, which the
+// direct dialer and wa_proxy's event loop follow: an equal share of the time
+// left, at least 2 s while there is that much.
+func TestAttemptShare(t *testing.T) {
+	for _, tc := range []struct {
+		left      time.Duration
+		addrsLeft int
+		want      time.Duration
+	}{
+		{5 * time.Second, 1, 5 * time.Second},
+		{10 * time.Second, 2, 5 * time.Second},
+		{10 * time.Second, 10, 2 * time.Second}, // at least 2 s
+		{3 * time.Second, 4, 2 * time.Second},
+		{time.Second, 3, time.Second}, // but no more than is left
+		{0, 1, 0},
+		{time.Second, 0, time.Second}, // no address count: the whole time
+	} {
+		if got := AttemptShare(tc.left, tc.addrsLeft); got != tc.want {
+			t.Errorf("AttemptShare(%v, %d) = %v, want %v", tc.left, tc.addrsLeft, got, tc.want)
+		}
+	}
+}

@@ -72,9 +72,10 @@ const refreshTimeout = 10 * time.Second
 var refreshRetry = 5 * time.Second
 
 // lookup returns host's addresses ("ip", "ip4" or "ip6" ones as network
-// says), resolving them with r only when it must: an answer younger than maxAge is returned as it is; an older one is
-// returned too, while one lookup in the background refreshes it, so a
-// connection never waits for DNS once its name has resolved. When the
+// says), resolving them with r only when it must: an answer younger than
+// maxAge is returned as it is; an older one is returned too, while one
+// lookup in the background refreshes it, so a connection never waits for
+// DNS once its name has resolved. When the
 // refresh fails the old answer stays in use (a resolver outage does not
 // stop connections to hosts whose addresses are known), and the next
 // refresh waits refreshRetry. A name not resolved yet is resolved at once;
