@@ -156,8 +156,7 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 		}
 		p.pend[1], p.pendBuf[1] = (*bp)[:k], bp
 	}
-	_ = client.Close()       // the duplicate is the socket's only descriptor now (see pair)
-	_ = rawKeepAliveOff(cfd) // see clientKeepAlive
+	_ = client.Close() // the duplicate is the socket's only descriptor now (see pair)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
 	// The upstream is watched for writable (connected) even with nothing
 	// to send; the client is not read until the upstream is connected.

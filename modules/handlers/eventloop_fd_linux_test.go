@@ -137,9 +137,9 @@ func TestHandOverLeavesOneDescriptor(t *testing.T) {
 }
 
 // TestRelayedClientHasNoKeepAlive: the client's socket comes from accept
-// with Go's TCP keep-alive on (probes after 15 s of silence); once a relay
-// carries it, keep-alive is off, in every relay mode and when the loop
-// connects (see clientKeepAlive).
+// with Go's TCP keep-alive on (probes after 15 s of silence); once carry or
+// carryConnecting has it, keep-alive is off, in every relay mode, for a
+// TLS-terminated client and when the loop connects (see clientKeepAlive).
 func TestRelayedClientHasNoKeepAlive(t *testing.T) {
 	// watch returns a function reading SO_KEEPALIVE of c's socket through a
 	// descriptor of the test's own, which sees the socket after the
@@ -200,13 +200,16 @@ func TestRelayedClientHasNoKeepAlive(t *testing.T) {
 		}
 		client, proxyClient := connectPair(t)
 		keepAlive, look := watch(t, proxyClient)
-		res, _, err := startConnectRelay(t, proxyClient, []netip.AddrPort{echoAddrPort(t)}, 5*time.Second)
-		if err != nil {
+		rc := registry.Open(&registry.Conn{Remote: client.LocalAddr().String(), Handler: "test"})
+		ended := make(chan struct{})
+		ok, err := carryConnecting(proxyClient, "echo", []netip.AddrPort{echoAddrPort(t)}, net.Buffers{[]byte("hi")}, 2,
+			5*time.Second, time.Minute, rc, func(pairStats, error) {}, func() { registry.Close(rc, nil); close(ended) })
+		if !ok || err != nil {
 			unix.Close(look)
-			t.Fatal(err)
+			t.Fatalf("carryConnecting: %v, %v", ok, err)
 		}
 		waitOff(t, keepAlive, look)
 		client.Close()
-		waitResult(t, res)
+		<-ended
 	})
 }

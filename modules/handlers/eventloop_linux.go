@@ -107,7 +107,6 @@ func offloadCuttable(client, upstream net.Conn, idle time.Duration, n [2]*atomic
 	// close of the client when the handler returns is then a no-op.
 	_ = upstream.Close()
 	_ = client.Close()
-	_ = rawKeepAliveOff(cfd) // see clientKeepAlive
 	p := newPair(cfd, ufd, idle, n, [2]prometheus.Counter{fromClient, fromUpstream}, done)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
 	// If add fails, the pair is closed and done has been called: cut is
@@ -737,7 +736,6 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 	if err != nil {
 		return nil, false
 	}
-	_ = cdup.SetKeepAlive(false) // see clientKeepAlive
 	// The upstream is the relay's already (carry's callers leave it to
 	// carry): no copy needed, unlike the client's socket, which caddy-l4
 	// closes when the handler returns.
@@ -769,7 +767,9 @@ func offloadTLS(client, upstream net.Conn, idle time.Duration, n [2]*atomic.Int6
 }
 
 // adoptTCP returns a new connection on a duplicate of c's socket, which
-// stays open when c is closed.
+// stays open when c is closed. net.FileConn turns TCP keep-alive on, as Go
+// does for every TCP connection it makes; adoptTCP turns it off again, as
+// the socket was (carry turned it off: see clientKeepAlive).
 func adoptTCP(c *net.TCPConn) (*net.TCPConn, error) {
 	fd, err := dupFD(c)
 	if err != nil {
@@ -786,6 +786,7 @@ func adoptTCP(c *net.TCPConn) (*net.TCPConn, error) {
 		_ = nc.Close()
 		return nil, errors.New("not a TCP connection")
 	}
+	_ = tc.SetKeepAlive(false)
 	return tc, nil
 }
 

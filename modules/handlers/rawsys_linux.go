@@ -80,13 +80,6 @@ func rawSetNoDelay(fd int) error {
 	return errnoErr(e)
 }
 
-// rawKeepAliveOff turns TCP keep-alive off on fd (SO_KEEPALIVE 0).
-func rawKeepAliveOff(fd int) error {
-	zero := int32(0)
-	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE, uintptr(unsafe.Pointer(&zero)), 4, 0)
-	return errnoErr(e)
-}
-
 func rawSoError(fd int) (int, error) {
 	var v int32
 	l := uint32(4)

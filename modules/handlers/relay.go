@@ -426,6 +426,7 @@ func closeWrite(c net.Conn) {
 // later failure reaches done as a *upstreams.DialError).
 func carryConnecting(client net.Conn, dest string, addrs []netip.AddrPort, first net.Buffers, fromClient int,
 	timeout, idle time.Duration, rc *registry.Conn, done func(pairStats, error), release func()) (offloaded bool, err error) {
+	keepAliveOff(client)
 	n, end := offloadEnds(rc, done, release)
 	cut, ok, err := offloadConnect(client, dest, addrs, first, fromClient, timeout, idle, n,
 		[2]prometheus.Counter{metrics.BytesReceived, metrics.BytesSent}, end)
@@ -451,7 +452,16 @@ func offloadEnds(rc *registry.Conn, done func(pairStats, error), release func())
 // is a packet to the phone and its answer every 15 s, waking its radio,
 // which the app's own keepalives are spaced to avoid. The official HAProxy
 // config has none either (no clitcpka); wa_proxy's idle_timeout ends dead
-// connections. The relays turn it off when they take a client over.
+// connections. carry and carryConnecting turn it off before any relay
+// takes the client (a duplicate of the socket keeps the setting).
+
+// keepAliveOff turns TCP keep-alive off on client's socket (see
+// clientKeepAlive).
+func keepAliveOff(client net.Conn) {
+	if tc := tcpUnder(client); tc != nil {
+		_ = tc.SetKeepAlive(false)
+	}
+}
 
 // carry relays client and up until both directions end: on the event loop
 // when it can take them, or on wake-ups for a TLS-terminated client
@@ -469,6 +479,7 @@ func offloadEnds(rc *registry.Conn, done func(pairStats, error), release func())
 // it.
 func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 	done func(pairStats, error), release func()) (offloaded bool) {
+	keepAliveOff(client)
 	n, end := offloadEnds(rc, done, release)
 	if cut, ok := offloadCuttable(client, up, idle, n, metrics.BytesReceived, metrics.BytesSent, end); ok {
 		rc.ReplaceCut(cut)
@@ -479,9 +490,6 @@ func carry(client, up net.Conn, idle time.Duration, rc *registry.Conn,
 		return true
 	}
 	defer up.Close()
-	if tc := tcpUnder(client); tc != nil {
-		_ = tc.SetKeepAlive(false) // see clientKeepAlive
-	}
 	// Closing both connections ends both copy loops at once; net.Conn's
 	// Close is safe from any goroutine.
 	var cut atomic.Bool
