@@ -215,11 +215,10 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 		upstreams.NoteTimeout(cs.current) // the next connections try it last
 	}
 	old := p.fds[1]
-	_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, old, nil)
 	l.mu.Lock()
 	delete(l.pairs, int32(old))
 	l.mu.Unlock()
-	_ = rawClose(old)
+	_ = rawClose(old) // the last descriptor (see pair): out of the epoll set too
 	p.fds[1] = -1
 	now := time.Now()
 	if !now.Before(cs.deadline) {

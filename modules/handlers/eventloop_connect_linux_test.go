@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -236,9 +237,12 @@ func TestConnectFromLoopSilentFirst(t *testing.T) {
 		t.Fatalf("ended %+v", r)
 	}
 	// the next connections to these addresses try the silent one last
-	if !upstreams.Unreachable(silent) || upstreams.Unreachable(good) {
+	listed := func(ap netip.AddrPort) bool {
+		return slices.ContainsFunc(upstreams.UnreachableAddresses(), func(u upstreams.UnreachableAddress) bool { return u.Address == ap })
+	}
+	if !listed(silent) || listed(good) {
 		t.Fatalf("unreachable: silent %v, answering %v; want the silent one noted, not the other",
-			upstreams.Unreachable(silent), upstreams.Unreachable(good))
+			listed(silent), listed(good))
 	}
 }
 

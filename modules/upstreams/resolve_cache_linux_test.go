@@ -91,7 +91,7 @@ func TestDirectDialSerialNotesTimeout(t *testing.T) {
 	if c.RemoteAddr().String() != echo.String() {
 		t.Fatalf("connected to %v, want %v", c.RemoteAddr(), echo)
 	}
-	if !Unreachable(silent) || Unreachable(echo) {
-		t.Fatalf("unreachable: silent %v, answering %v; want only the silent one", Unreachable(silent), Unreachable(echo))
+	if !unreachableListed(silent) || unreachableListed(echo) {
+		t.Fatalf("unreachable: silent %v, answering %v; want only the silent one", unreachableListed(silent), unreachableListed(echo))
 	}
 }

@@ -89,18 +89,6 @@ func reachableFirst(addrs []netip.AddrPort) []netip.AddrPort {
 	return addrs
 }
 
-// Unreachable reports whether a connect to ap timed out within
-// unreachableFor (and none succeeded since), so Resolve puts it last.
-func Unreachable(ap netip.AddrPort) bool {
-	if unreachable.n.Load() == 0 {
-		return false
-	}
-	unreachable.mu.Lock()
-	defer unreachable.mu.Unlock()
-	t, ok := unreachable.since[ap]
-	return ok && time.Since(t) < unreachableFor
-}
-
 // UnreachableAddress is an address Resolve puts last, as GET /waproxy/names
 // shows it.
 type UnreachableAddress struct {
