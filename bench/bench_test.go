@@ -948,12 +948,7 @@ func TestDocumentSections(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := &bench{cfg: cfg}
-	var ts []*target
-	for _, tg := range allTargets() {
-		if slices.Contains(cfg.targets, tg.name) {
-			ts = append(ts, tg)
-		}
-	}
+	ts := selectTargets(cfg.targets)
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	for _, tg := range ts {
 		for round := range cfg.rounds {
@@ -996,12 +991,7 @@ func TestDocumentAB(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := &bench{cfg: cfg}
-	var ts []*target
-	for _, tg := range allTargets() {
-		if slices.Contains(cfg.targets, tg.name) {
-			ts = append(ts, tg)
-		}
-	}
+	ts := selectTargets(cfg.targets)
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	// B is 10 % faster in every round; the rounds' levels differ.
 	for round, a := range []float64{1000, 1200, 900} {
@@ -1042,12 +1032,7 @@ func TestDocumentTLSBulk(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := &bench{cfg: cfg, certs: map[string]*certFiles{"p256": {kind: "p256"}}}
-	var ts []*target
-	for _, tg := range allTargets() {
-		if slices.Contains(cfg.targets, tg.name) {
-			ts = append(ts, tg)
-		}
-	}
+	ts := selectTargets(cfg.targets)
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	for round := range cfg.rounds {
 		for name, v := range map[string]float64{"direct": 2000, baseline: 500, "haproxy-16k": 600, "waproxy": 900} {

@@ -284,6 +284,20 @@ type bench struct {
 	tlsClient   *tls.Config
 }
 
+// selectTargets returns the named targets, in the order given.
+func selectTargets(names []string) []*target {
+	var ts []*target
+	for _, t := range allTargets() {
+		if slices.Contains(names, t.name) {
+			ts = append(ts, t)
+		}
+	}
+	slices.SortStableFunc(ts, func(a, c *target) int {
+		return slices.Index(names, a.name) - slices.Index(names, c.name)
+	})
+	return ts
+}
+
 func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	// the proxies run in a temporary directory: make relative paths absolute
 	for _, p := range []*string{&cfg.caddy, &cfg.caddyB, &cfg.haproxy, &cfg.microsocks} {
@@ -297,16 +311,7 @@ func newBench(ctx context.Context, cfg *config) (*bench, error) {
 	b := &bench{cfg: cfg, bin: &binaries{caddy: cfg.caddy, caddyB: cfg.caddyB, haproxy: cfg.haproxy, microsocks: cfg.microsocks}}
 	b.info.started = time.Now()
 	b.deadline = b.info.started.Add(cfg.maxTime)
-	var ts []*target
-	for _, t := range allTargets() {
-		if slices.Contains(cfg.targets, t.name) {
-			ts = append(ts, t)
-		}
-	}
-	// Order as given on the command line.
-	slices.SortStableFunc(ts, func(a, c *target) int {
-		return slices.Index(cfg.targets, a.name) - slices.Index(cfg.targets, c.name)
-	})
+	ts := selectTargets(cfg.targets)
 	resolveTargets(ctx, ts, b.bin, b.hasTLS())
 	b.res = newResults(ts, b.metrics(), cfg.rounds, b.checkpoints())
 	var err error
