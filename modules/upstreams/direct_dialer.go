@@ -112,13 +112,18 @@ func (dd *Direct) Cleanup() error { return dd.health.release() }
 // resolved to is internal and not allowed (see WithAllowlist), else
 // metrics.KindDial; the message names address.
 func (dd *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	return dd.dial(ctx, network, address, allowlistFrom(ctx))
+}
+
+// dial is DialContext with the allowlist given (nil: none applies).
+func (dd *Direct) dial(ctx context.Context, network, address string, allow *Allowlist) (net.Conn, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, err
 	}
 	if host, _, err := net.SplitHostPort(address); err == nil && dd.cacheFor > 0 {
 		if _, err := parseIP(host); err != nil {
 			// a name: its addresses come from the cache (see ResolveCache)
-			addrs, err := dd.Resolve(ctx, network, address)
+			addrs, err := dd.resolve(ctx, network, address, allow)
 			if err != nil {
 				return nil, err
 			}
@@ -126,7 +131,7 @@ func (dd *Direct) DialContext(ctx context.Context, network, address string) (net
 		}
 	}
 	dialer := &dd.dialer
-	if allow := allowlistFrom(ctx); allow != nil {
+	if allow != nil {
 		checked := dd.dialer
 		checked.ControlContext = func(_ context.Context, _, addr string, _ syscall.RawConn) error {
 			return checkResolved(allow, addr)
@@ -153,6 +158,11 @@ func (dd *Direct) DialContext(ctx context.Context, network, address string) (net
 // address, metrics.KindTimeout when ctx's deadline passed, else
 // metrics.KindDial; messages start "dial <address>: " as DialContext's.
 func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip.AddrPort, error) {
+	return dd.resolve(ctx, network, address, allowlistFrom(ctx))
+}
+
+// resolve is Resolve with the allowlist given (nil: none applies).
+func (dd *Direct) resolve(ctx context.Context, network, address string, allow *Allowlist) ([]netip.AddrPort, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, err
 	}
@@ -170,7 +180,6 @@ func (dd *Direct) Resolve(ctx context.Context, network, address string) ([]netip
 	} else if ips, err = dd.lookup(ctx, network, address, host); err != nil {
 		return nil, err
 	}
-	allow := allowlistFrom(ctx)
 	addrs := make([]netip.AddrPort, 0, len(ips))
 	var refused error
 	for _, ip := range ips {

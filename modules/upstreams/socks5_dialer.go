@@ -54,12 +54,12 @@ type SOCKS5 struct {
 	// failover order skips the servers that fail it. Default: no checks.
 	HealthCheck *HealthCheck `json:"health_check,omitempty"`
 
-	servers  []string // expanded Servers
-	username string   // expanded Username
-	password string   // expanded Password
-	greeting []byte   // the method selection message
-	auth     []byte   // the RFC 1929 request (holds the password), nil without credentials
-	dialer   net.Dialer
+	servers  []string  // expanded Servers
+	username string    // expanded Username
+	password string    // expanded Password
+	greeting []byte    // the method selection message
+	auth     []byte    // the RFC 1929 request (holds the password), nil without credentials
+	toServer Direct    // connects to the servers (see serverDialer)
 	health   healthSet // one checker per server, or none
 }
 
@@ -90,7 +90,7 @@ func (s *SOCKS5) Provision(ctx caddy.Context) error {
 	if s.hasCredentials() && len(s.username) <= maxSocksName && len(s.password) <= maxSocksName {
 		s.auth = socksUserPass(s.username, s.password)
 	} // else Validate reports the problem
-	s.dialer = net.Dialer{} // Go's TCP keep-alive defaults
+	s.toServer = serverDialer()
 
 	// no checks for a config that Validate rejects
 	if s.HealthCheck == nil || s.Validate() != nil {
@@ -241,6 +241,16 @@ func (s *SOCKS5) skipped(buf []uint64) (skip serverSet, tried int) {
 	return skip, len(s.servers) - unhealthy
 }
 
+// serverDialer is how the dialer reaches its servers: as wa.dialers.direct
+// does, with Go's TCP keep-alive defaults, a server given by name resolved
+// through the shared resolve cache (see ResolveCache: not once per
+// connection) and Happy Eyeballs over its addresses. The allowlist does
+// not apply: the servers are the operator's (Tor usually listens on
+// loopback).
+func serverDialer() Direct {
+	return Direct{cacheFor: DefaultResolveCache, resolver: net.DefaultResolver}
+}
+
 // dialServer connects to server and runs the handshake. left is the number of
 // servers not tried yet, this one included. When the context has a deadline,
 // connecting to this server and negotiating the method (and authenticating)
@@ -258,9 +268,9 @@ func (s *SOCKS5) dialServer(ctx context.Context, server string, left int, req, s
 		dctx, cancel = context.WithDeadline(ctx, share)
 		defer cancel()
 	}
-	c, err := s.dialer.DialContext(dctx, "tcp", server)
+	c, err := s.toServer.dial(dctx, "tcp", server, nil)
 	if err != nil {
-		return nil, &DialError{Kind: dialErrKind(dctx, err), Err: fmt.Errorf("socks5 %s: dial: %w", server, opCause(err))}
+		return nil, &DialError{Kind: ErrorKind(err), Err: fmt.Errorf("socks5 %s: dial: %w", server, dialCause(err))}
 	}
 	conn := c.(*net.TCPConn)
 
@@ -286,6 +296,20 @@ func (s *SOCKS5) dialServer(ctx context.Context, server string, left int, req, s
 		return nil, socksDialError(ctx, server, err)
 	}
 	return conn, nil
+}
+
+// dialCause is the cause of a failed connect to a server, without the
+// "dial <address>: " the direct dialer's messages start with (dialServer
+// says "dial:" itself).
+func dialCause(err error) error {
+	var de *DialError
+	if errors.As(err, &de) {
+		if cause := errors.Unwrap(de.Err); cause != nil {
+			return cause
+		}
+		return de.Err
+	}
+	return opCause(err)
 }
 
 // socksDialError turns a handshake error into a *DialError whose message

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -490,4 +491,38 @@ func BenchmarkSOCKS5Dial(b *testing.B) {
 	open, _ := startCaddySOCKS5(b)
 	d := newSOCKS5Dialer(b, "", "", open)
 	benchmarkDialEcho(b, d, echo.Addr)
+}
+
+// TestSOCKS5ServerByName: a server given by host name is resolved through
+// the shared resolve cache, once for many connections, as the direct
+// dialer's destinations are; a name that does not resolve fails the dial
+// with the lookup's error.
+func TestSOCKS5ServerByName(t *testing.T) {
+	echo := testutil.StartEcho(t)
+	open, _ := startCaddySOCKS5(t)
+	_, port, _ := net.SplitHostPort(open)
+	dns := startDNS(t, map[string][]netip.Addr{"socks-exit.test.": {netip.MustParseAddr("127.0.0.1")}})
+
+	d := newSOCKS5Dialer(t, "", "", net.JoinHostPort("socks-exit.test", port))
+	d.toServer.resolver = dns.resolver()
+	assertEchoes(t, mustDial(t, d, echo.Addr), "by the server's name")
+	first := dns.queries.Load() // A and AAAA
+	if first == 0 {
+		t.Fatal("the server's name was not looked up with the test's resolver")
+	}
+	for i := range 10 {
+		assertEchoes(t, mustDial(t, d, echo.Addr), fmt.Sprintf("by the server's name, %d", i))
+	}
+	if n := dns.queries.Load() - first; n != 0 {
+		t.Fatalf("%d DNS queries for 10 more connections through a named server, want none", n)
+	}
+
+	missing := net.JoinHostPort("no-such-exit.test", port)
+	d = newSOCKS5Dialer(t, "", "", missing)
+	d.toServer.resolver = dns.resolver()
+	_, err := dialTimeout(d, 5*time.Second, echo.Addr)
+	de := assertDialErrorKind(t, err, metrics.KindDial)
+	if want := "socks5 " + missing + ": dial: lookup no-such-exit.test"; !strings.HasPrefix(de.Error(), want) {
+		t.Fatalf("error %q does not start with %q", de.Error(), want)
+	}
 }
