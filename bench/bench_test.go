@@ -186,6 +186,31 @@ func TestStatCPUTicks(t *testing.T) {
 	}
 }
 
+func TestMachineBusyTicks(t *testing.T) {
+	// user nice system idle iowait irq softirq steal guest guest_nice:
+	// idle and iowait are not busy; guest is already in user.
+	text := "cpu  100 2 30 5000 7 1 4 3 50 0\ncpu0 50 1 15 2500 3 0 2 1 25 0\n"
+	got, err := machineBusyTicks(text)
+	if err != nil || got != 140 {
+		t.Errorf("machineBusyTicks = %d, %v; want 140", got, err)
+	}
+	for _, bad := range []string{"cpu0 1 2 3 4 5 6 7 8\n", "cpu 1 2 3\n", "cpu 1 x 3 4 5 6 7 8\n"} {
+		if _, err := machineBusyTicks(bad); err == nil {
+			t.Errorf("machineBusyTicks(%q): want an error", bad)
+		}
+	}
+	c0, err := readMachineCPU()
+	if err != nil {
+		t.Fatalf("readMachineCPU: %v", err)
+	}
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+		// busy for a while, so that the machine's counters move
+	}
+	if c1, err := readMachineCPU(); err != nil || c1 <= c0 {
+		t.Errorf("readMachineCPU after 300 ms of spinning = %v (before: %v), %v; want more", c1, c0, err)
+	}
+}
+
 func TestIsStable(t *testing.T) {
 	const mb = 1 << 20
 	for _, tc := range []struct {

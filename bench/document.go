@@ -192,7 +192,7 @@ func (b *bench) writeMethod(w io.Writer) {
 			buildB, buildA, cfg.caddyB, buildA, cfg.caddy))
 	}
 	if b.has("chat") {
-		lines = append(lines, fmt.Sprintf("**Chat conn/s**: %d workers, each in a loop: connect, send the hello and one 100-byte frame in one write, read the full echo (checked byte for byte), close. %s of warm-up, then %s measured; conn/s = completed exchanges / time until the last worker stopped. Latency is per exchange, from the start of connect to the last echoed byte (p50/p99 over all exchanges of the run). Proxy CPU is the proxy process's user + system time (/proc/PID/stat, all threads) during the measured part, divided by the exchanges; it is less sensitive to other load on the machine than conn/s.", cfg.workers, warm, cfg.duration))
+		lines = append(lines, fmt.Sprintf("**Chat conn/s**: %d workers, each in a loop: connect, send the hello and one 100-byte frame in one write, read the full echo (checked byte for byte), close. %s of warm-up, then %s measured; conn/s = completed exchanges / time until the last worker stopped. Latency is per exchange, from the start of connect to the last echoed byte (p50/p99 over all exchanges of the run). Proxy CPU is the proxy process's user + system time (/proc/PID/stat, all threads) during the measured part, divided by the exchanges; it is less sensitive to other load on the machine than conn/s. Machine CPU is every CPU's busy time (/proc/stat: user, nice, system, irq, softirq, steal) over the same part, divided by the exchanges: the proxy, the bench's client and edge (one process), and the kernel work each causes, which on loopback is partly charged to whichever process sends (a write delivers to the receiving socket in the sender's system call); with the client, edge and proxy sharing the CPUs, it is what bounds conn/s, and direct's is the floor.", cfg.workers, warm, cfg.duration))
 	}
 	if b.has("idle") {
 		cp := b.checkpoints()
@@ -209,7 +209,7 @@ func (b *bench) writeMethod(w io.Writer) {
 		lines = append(lines, fmt.Sprintf("**-idle-frame %d**: in both idle figures each held connection, after its hello, also carried one frame of %s payload bytes (echoed and checked) before it was left idle.", cfg.idleFrame, formatCount(float64(cfg.idleFrame))))
 	}
 	if b.has("bulk") {
-		lines = append(lines, fmt.Sprintf("**Plain MB/s**: %d connections, each sends the hello, then the edge writes 64 KiB chunks as fast as it can; the client reads with 64 KiB buffers. %s of warm-up, then the bytes arriving at the client in %s are counted (1 MB = 10^6 bytes). Proxy CPU per GB is the proxy process's CPU time over the whole run, warm-up included, divided by all bytes that arrived.", cfg.streams, warm, cfg.duration))
+		lines = append(lines, fmt.Sprintf("**Plain MB/s**: %d connections, each sends the hello, then the edge writes 64 KiB chunks as fast as it can; the client reads with 64 KiB buffers. %s of warm-up, then the bytes arriving at the client in %s are counted (1 MB = 10^6 bytes). Proxy CPU per GB is the proxy process's CPU time over the whole run, warm-up included, divided by all bytes that arrived; machine CPU per GB is every CPU's busy time over the same run (as for chat), divided the same way.", cfg.streams, warm, cfg.duration))
 	}
 	if b.hasTLS() {
 		groups := "X25519 only, so that every target does the same key exchange (HAProxy 2.6 on OpenSSL 3.0 has no post-quantum group; Go servers would pick X25519MLKEM768)"

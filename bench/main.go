@@ -383,7 +383,8 @@ func (b *bench) metrics() []metric {
 				vsDirect: true, format: formatCount},
 			metric{key: "p50", label: "chat connect-to-echo p50, ms", vsDirect: true, format: formatMS},
 			metric{key: "p99", label: "chat connect-to-echo p99, ms", vsDirect: true, format: formatMS},
-			metric{key: "chat-cpu", label: "proxy CPU per chat connection, µs", proxyOnly: true, format: formatCount})
+			metric{key: "chat-cpu", label: "proxy CPU per chat connection, µs", proxyOnly: true, format: formatCount},
+			metric{key: "chat-machine", label: "machine CPU per chat connection (proxy, client and edge), µs", vsDirect: true, format: formatCount})
 	}
 	if b.has("idle") {
 		n := formatCount(float64(b.cfg.idleConns))
@@ -394,7 +395,8 @@ func (b *bench) metrics() []metric {
 	if b.has("bulk") {
 		ms = append(ms, metric{key: "bulk", label: fmt.Sprintf("plain MB/s, %d streams, edge→client", b.cfg.streams),
 			vsDirect: true, format: formatCount},
-			metric{key: "bulk-cpu", label: "proxy CPU per GB relayed, ms", proxyOnly: true, format: formatCount})
+			metric{key: "bulk-cpu", label: "proxy CPU per GB relayed, ms", proxyOnly: true, format: formatCount},
+			metric{key: "bulk-machine", label: "machine CPU per GB relayed (proxy, client and edge), ms", vsDirect: true, format: formatCount})
 	}
 	if b.has("tls") {
 		for _, row := range b.cfg.tlsCerts {
@@ -421,7 +423,9 @@ func (b *bench) metrics() []metric {
 				label:    fmt.Sprintf("TLS MB/s, %d streams, edge→client, %s", b.cfg.streams, tlsRowLabel(tlsBulkRow)),
 				vsDirect: true, format: formatCount},
 			metric{key: "tlsbulk-cpu", tls: true, row: tlsBulkRow, tlsBulk: true,
-				label: "proxy CPU per GB relayed over TLS, ms, " + tlsRowLabel(tlsBulkRow), proxyOnly: true, format: formatCount})
+				label: "proxy CPU per GB relayed over TLS, ms, " + tlsRowLabel(tlsBulkRow), proxyOnly: true, format: formatCount},
+			metric{key: "tlsbulk-machine", tls: true, row: tlsBulkRow, tlsBulk: true,
+				label: "machine CPU per GB relayed over TLS (proxy, client and edge), ms, " + tlsRowLabel(tlsBulkRow), vsDirect: true, format: formatCount})
 	}
 	return ms
 }

@@ -187,3 +187,50 @@ func waitFDs(ctx context.Context, pid, want int, limit time.Duration) (int, erro
 		sleepCtx(ctx, 50*time.Millisecond)
 	}
 }
+
+// readMachineCPU returns the CPU time every CPU of the machine has spent
+// busy (/proc/stat's first line: user, nice, system, irq, softirq and
+// steal; not idle or iowait): the proxy, the bench's client and edge, an
+// exit hop, the kernel's interrupt work, everything.
+func readMachineCPU() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, fmt.Errorf("read /proc/stat: %w", err)
+	}
+	ticks, err := machineBusyTicks(string(b))
+	if err != nil {
+		return 0, err
+	}
+	return time.Duration(ticks) * time.Second / userHZ, nil
+}
+
+// machineBusyTicks returns the busy ticks of /proc/stat's "cpu" line (the
+// sum over CPUs). guest and guest_nice are left out: user and nice already
+// count them.
+func machineBusyTicks(text string) (int64, error) {
+	line, _, _ := strings.Cut(text, "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: first line %q is not the cpu totals (user nice system idle iowait irq softirq steal)", line)
+	}
+	var busy int64
+	for _, i := range []int{1, 2, 3, 6, 7, 8} { // user nice system irq softirq steal
+		v, err := strconv.ParseInt(f[i], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: field %d of the cpu line: %w", i, err)
+		}
+		busy += v
+	}
+	return busy, nil
+}
+
+// machineCPUSince returns a function that reports the busy CPU time of the
+// whole machine since machineCPUSince was called, and whether both
+// readings worked.
+func machineCPUSince() func() (time.Duration, bool) {
+	c0, err0 := readMachineCPU()
+	return func() (time.Duration, bool) {
+		c1, err1 := readMachineCPU()
+		return c1 - c0, err0 == nil && err1 == nil
+	}
+}

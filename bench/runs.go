@@ -44,14 +44,14 @@ type exchanges struct {
 	ts             *tlsServe // nil: plain chat; else over TLS
 	workers        int
 	rate, p50, p99 string // metric keys
-	cpu            string
+	cpu, machine   string
 }
 
 // runChat measures chat conn/s and connect-to-echo latency on a fresh
 // instance of t.
 func (b *bench) runChat(ctx context.Context, round int, t *target) {
 	b.runExchanges(ctx, round, t, exchanges{fig: "chat", workers: b.cfg.workers,
-		rate: "chat", p50: "p50", p99: "p99", cpu: "chat-cpu"})
+		rate: "chat", p50: "p50", p99: "p99", cpu: "chat-cpu", machine: "chat-machine"})
 }
 
 // runTLS measures TLS conn/s (a full handshake, then the chat exchange) on a
@@ -81,9 +81,10 @@ func (b *bench) runExchanges(ctx context.Context, round int, t *target, x exchan
 	}
 	fds0, _ := p.fds()
 	runChat(ctx, dial, p.addr, x.workers, b.warm())
-	cpuUsed := cpuSince(p)
+	cpuUsed, machineUsed := cpuSince(p), machineCPUSince()
 	res := runChat(ctx, dial, p.addr, x.workers, b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
+	machine, machineOK := machineUsed()
 	switch {
 	case !p.alive():
 		b.fail(round, t, x.fig, fmt.Errorf("process died during the run%s", p.logTail(5)))
@@ -106,6 +107,10 @@ func (b *bench) runExchanges(ctx context.Context, round int, t *target, x exchan
 	if cpuOK {
 		b.res.set(x.cpu, t.name, round, float64(cpu.Microseconds())/float64(res.Conns))
 		msg += fmt.Sprintf(", proxy CPU %s", cpu)
+	}
+	if machineOK && x.machine != "" {
+		b.res.set(x.machine, t.name, round, float64(machine.Microseconds())/float64(res.Conns))
+		msg += fmt.Sprintf(", machine CPU %s", machine)
 	}
 	if x.ts != nil {
 		msg += "; " + x.ts.negotiated()
@@ -305,14 +310,14 @@ func (b *bench) runIdleSpec(ctx context.Context, round int, t *target, spec idle
 
 // bulkSpec says what a bulk run measures and where its numbers go.
 type bulkSpec struct {
-	fig       string    // for the report: "bulk", "tlsbulk"
-	ts        *tlsServe // nil: plain streams; else over TLS, terminated by the proxy
-	mbps, cpu string    // metric keys
+	fig                string    // for the report: "bulk", "tlsbulk"
+	ts                 *tlsServe // nil: plain streams; else over TLS, terminated by the proxy
+	mbps, cpu, machine string    // metric keys
 }
 
 // runBulk measures plain edge→client throughput on a fresh instance of t.
 func (b *bench) runBulk(ctx context.Context, round int, t *target) {
-	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "bulk", mbps: "bulk", cpu: "bulk-cpu"})
+	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "bulk", mbps: "bulk", cpu: "bulk-cpu", machine: "bulk-machine"})
 }
 
 // runTLSBulk measures edge→client throughput over TLS on a fresh instance
@@ -323,7 +328,7 @@ func (b *bench) runTLSBulk(ctx context.Context, round int, t *target) {
 	if ts == nil {
 		return
 	}
-	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "tlsbulk", ts: ts, mbps: "tlsbulk", cpu: "tlsbulk-cpu"})
+	b.runBulkSpec(ctx, round, t, bulkSpec{fig: "tlsbulk", ts: ts, mbps: "tlsbulk", cpu: "tlsbulk-cpu", machine: "tlsbulk-machine"})
 }
 
 // runBulkSpec measures edge→client throughput (the bulk edge through a
@@ -340,9 +345,10 @@ func (b *bench) runBulkSpec(ctx context.Context, round int, t *target, spec bulk
 	if spec.ts != nil {
 		dial = spec.ts.dial
 	}
-	cpuUsed := cpuSince(p)
+	cpuUsed, machineUsed := cpuSince(p), machineCPUSince()
 	res := runBulk(ctx, dial, p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
+	machine, machineOK := machineUsed()
 	switch {
 	case !p.alive():
 		b.fail(round, t, spec.fig, fmt.Errorf("process died during the run%s", p.logTail(5)))
@@ -359,6 +365,10 @@ func (b *bench) runBulkSpec(ctx context.Context, round int, t *target, spec bulk
 	if cpuOK && res.Total > 0 {
 		b.res.set(spec.cpu, t.name, round, float64(cpu.Milliseconds())/(float64(res.Total)/1e9))
 		msg += fmt.Sprintf(", proxy CPU %s for %s MB", cpu, formatCount(float64(res.Total)/1e6))
+	}
+	if machineOK && res.Total > 0 {
+		b.res.set(spec.machine, t.name, round, float64(machine.Milliseconds())/(float64(res.Total)/1e9))
+		msg += fmt.Sprintf(", machine CPU %s", machine)
 	}
 	if spec.ts != nil {
 		msg += "; " + spec.ts.negotiated()
