@@ -42,6 +42,7 @@ type connectState struct {
 	deadline  time.Time
 	attemptBy time.Time   // the current address's share of the time
 	timer     *time.Timer // made by the first startAttempt
+	early     error       // the failure connectedAtOnce's write found (it took the socket's error)
 }
 
 // startAttempt gives the address just tried its upstreams.AttemptShare of
@@ -158,12 +159,50 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 	}
 	_ = client.Close() // the duplicate is the socket's only descriptor now (see pair)
 	l := ls[loopNext.Add(1)%uint32(len(ls))]
+	if p.pend[1] != nil && connectedAtOnce(p) {
+		// The loop relays it from the start, as a pair it would have
+		// connected itself.
+		_ = l.addWith(p, p.wantInterest())
+		return p.requestCut, true, nil
+	}
 	// The upstream is watched for writable (connected) even with nothing
 	// to send; the client is not read until the upstream is connected.
 	// addWith starts the connect timer; from then on the pair is the
 	// loop's (if the add fails, the pair is closed and done has run).
 	_ = l.addWith(p, [2]uint32{0, unix.EPOLLOUT})
 	return p.requestCut, true, nil
+}
+
+// connectedAtOnce writes p's first bytes right after the connect was
+// started, before the pair goes to a loop (the handler's goroutine still
+// owns it). On loopback, and wherever the handshake completes within
+// connect(2) itself, the socket is already connected: the bytes go out now
+// instead of after a wake-up of the loop, and the upstream is registered
+// for reading at once rather than for writable and then switched. A socket
+// still connecting answers EAGAIN (one system call spent); any failure is
+// left for the loop to find, as without this. It returns whether the
+// connect has completed, with p then set up as connected.
+func connectedAtOnce(p *pair) bool {
+	w, err := writeFD(p.fds[1], p.pend[1])
+	if err != nil || w <= 0 {
+		if err != nil && err != unix.EAGAIN {
+			p.connecting.early = err // reading it cleared SO_ERROR: connected reports it
+		}
+		return false
+	}
+	cs := p.connecting
+	p.connecting = nil
+	upstreams.NoteConnected(cs.current)
+	if cs.fromFirst > 0 {
+		p.n[0].Add(int64(cs.fromFirst))
+		p.counters[0].Add(float64(cs.fromFirst))
+	}
+	p.pend[1] = p.pend[1][w:]
+	if len(p.pend[1]) == 0 {
+		relayBufs.Put(p.pendBuf[1])
+		p.pend[1], p.pendBuf[1] = nil, nil
+	}
+	return true
 }
 
 // connected is called for an event on the upstream socket of a pair still
@@ -195,11 +234,15 @@ func (l *eventLoop) connected(p *pair, events uint32) bool {
 		return l.updateInterest(p)
 	}
 	soErr, err := rawSoError(p.fds[1])
-	if err == nil && soErr != 0 {
+	switch {
+	case err == nil && soErr != 0:
 		err = unix.Errno(soErr)
-	} else if err == nil {
+	case err == nil && cs.early != nil:
+		err = cs.early
+	case err == nil:
 		err = errors.New("connection failed")
 	}
+	cs.early = nil
 	l.retryConnect(p, metrics.KindDial, fmt.Errorf("connect: %w", err))
 	return false
 }

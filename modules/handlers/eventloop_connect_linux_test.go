@@ -20,6 +20,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 
 	"github.com/waproxy/caddy-waproxy/internal/testutil"
@@ -208,6 +209,69 @@ func TestConnectFromLoopTimeout(t *testing.T) {
 		t.Fatalf("ended %+v, want a timeout dial error", r)
 	}
 	expectEOF(t, client)
+}
+
+// connectedAtOnce: a connect that completed within connect(2) (loopback)
+// takes the first bytes at once and leaves the pair connected, counted; one
+// still in progress (a SYN the listener drops) leaves everything for the
+// loop, the bytes still pending.
+func TestConnectedAtOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		addr      netip.AddrPort
+		connected bool
+	}{
+		{"connected within connect(2)", echoAddrPort(t), true},
+		{"still connecting", fullBacklog(t), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fd, current, _, err := startConnect([]netip.AddrPort{tc.addr})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = rawClose(fd) })
+			var n [2]atomic.Int64
+			fromClient := prometheus.NewCounter(prometheus.CounterOpts{Name: "from_client"})
+			p := newPair(-1, fd, time.Minute, [2]*atomic.Int64{&n[0], &n[1]},
+				[2]prometheus.Counter{fromClient, prometheus.NewCounter(prometheus.CounterOpts{Name: "from_upstream"})}, nil)
+			p.connecting = &connectState{address: "dest.example:443", current: current, fromFirst: 5, deadline: time.Now().Add(time.Second)}
+			bp := relayBufs.Get().(*[]byte)
+			p.pend[1], p.pendBuf[1] = (*bp)[:copy(*bp, "hello")], bp
+
+			if got := connectedAtOnce(p); got != tc.connected {
+				t.Fatalf("connectedAtOnce = %v, want %v", got, tc.connected)
+			}
+			if !tc.connected {
+				if p.connecting == nil || p.connecting.early != nil || string(p.pend[1]) != "hello" || n[0].Load() != 0 {
+					t.Fatalf("still connecting, yet the state changed: connecting %+v, pending %q, counted %d", p.connecting, p.pend[1], n[0].Load())
+				}
+				return
+			}
+			if p.connecting != nil || p.pend[1] != nil || p.pendBuf[1] != nil {
+				t.Fatalf("connected, yet connecting %+v, pending %q", p.connecting, p.pend[1])
+			}
+			if n[0].Load() != 5 || promtest.ToFloat64(fromClient) != 5 {
+				t.Fatalf("the client's 5 first bytes counted %d (counter %v), want 5", n[0].Load(), promtest.ToFloat64(fromClient))
+			}
+			if want := [2]uint32{unix.EPOLLIN, unix.EPOLLIN}; p.wantInterest() != want {
+				t.Fatalf("interest %v, want both sockets read (%v)", p.wantInterest(), want)
+			}
+			// the echo server got the bytes: they come back on the socket
+			_ = unix.SetNonblock(fd, false)
+			_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 10})
+			got := make([]byte, 0, 5)
+			for len(got) < 5 {
+				k, err := unix.Read(fd, got[len(got):cap(got)])
+				if err != nil || k == 0 {
+					t.Fatalf("echo %q, then %d, %v", got, k, err)
+				}
+				got = got[:len(got)+k]
+			}
+			if string(got) != "hello" {
+				t.Fatalf("echo %q, want hello", got)
+			}
+		})
+	}
 }
 
 // A cut while connecting ends the pair with errCut.

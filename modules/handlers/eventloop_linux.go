@@ -455,17 +455,26 @@ func (l *eventLoop) flush(p *pair, d int) bool {
 	return l.updateInterest(p)
 }
 
-// updateInterest registers, for each socket, EPOLLIN while its bytes have
-// somewhere to go and EPOLLOUT while bytes wait to be written to it.
-func (l *eventLoop) updateInterest(p *pair) bool {
+// wantInterest is, for each socket, EPOLLIN while its bytes have somewhere
+// to go and EPOLLOUT while bytes wait to be written to it.
+func (p *pair) wantInterest() [2]uint32 {
+	var want [2]uint32
 	for i := range 2 {
-		var want uint32
 		if !p.eof[i] && p.pend[1-i] == nil && p.pipeLen[1-i] == 0 {
-			want |= unix.EPOLLIN
+			want[i] |= unix.EPOLLIN
 		}
 		if p.pend[i] != nil || p.pipeLen[i] > 0 {
-			want |= unix.EPOLLOUT
+			want[i] |= unix.EPOLLOUT
 		}
+	}
+	return want
+}
+
+// updateInterest registers wantInterest with the loop's epoll set.
+func (l *eventLoop) updateInterest(p *pair) bool {
+	wants := p.wantInterest()
+	for i := range 2 {
+		want := wants[i]
 		if want == p.interest[i] {
 			continue
 		}
