@@ -177,7 +177,11 @@ func StartEchoOn(t testing.TB, addr string) *EchoServer {
 		t.Fatal(err)
 	}
 	s := &EchoServer{Addr: ln.Addr().String(), ln: ln, conns: make(map[net.Conn]struct{})}
-	go s.serve()
+	// serve counts in wg too: its wg.Add for a connection accepted as the
+	// listener closes then happens while the count is above zero, as a
+	// WaitGroup requires of an Add concurrent with Wait (the race detector
+	// reported it when serve was not counted).
+	s.wg.Go(s.serve)
 	t.Cleanup(func() {
 		ln.Close()
 		s.mu.Lock()
