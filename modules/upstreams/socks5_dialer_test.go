@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -515,6 +516,9 @@ func TestSOCKS5ServerByName(t *testing.T) {
 	}
 	if n := dns.queries.Load() - first; n != 0 {
 		t.Fatalf("%d DNS queries for 10 more connections through a named server, want none", n)
+	}
+	if !slices.ContainsFunc(Names(), func(n Name) bool { return n.Host == "socks-exit.test" }) {
+		t.Fatalf("the server's name is not in the listing of GET /waproxy/names: %+v", Names())
 	}
 
 	missing := net.JoinHostPort("no-such-exit.test", port)
