@@ -179,9 +179,11 @@ func offloadConnect(client net.Conn, address string, addrs []netip.AddrPort, fir
 // connect(2) itself, the socket is already connected: the bytes go out now
 // instead of after a wake-up of the loop, and the upstream is registered
 // for reading at once rather than for writable and then switched. A socket
-// still connecting answers EAGAIN (one system call spent); any failure is
-// left for the loop to find, as without this. It returns whether the
-// connect has completed, with p then set up as connected.
+// still connecting answers EAGAIN (one system call spent). A failed
+// connect is left for the loop to find, as without this; the write took
+// the socket's error (SO_ERROR reads 0 afterwards), so it is kept in
+// p.connecting.early for the loop's message. It returns whether the connect
+// has completed, with p then set up as connected.
 func connectedAtOnce(p *pair) bool {
 	w, err := writeFD(p.fds[1], p.pend[1])
 	if err != nil || w <= 0 {
