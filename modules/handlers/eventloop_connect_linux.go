@@ -192,19 +192,25 @@ func connectedAtOnce(p *pair) bool {
 		}
 		return false
 	}
+	p.connectDone()
+	p.wrote(1, w)
+	return true
+}
+
+// connectDone ends p's connecting phase once its upstream is connected:
+// the address goes back to its place in Resolve's order, and the client's
+// first bytes count as relayed.
+func (p *pair) connectDone() {
 	cs := p.connecting
 	p.connecting = nil
+	if cs.timer != nil {
+		cs.timer.Stop()
+	}
 	upstreams.NoteConnected(cs.current)
 	if cs.fromFirst > 0 {
 		p.n[0].Add(int64(cs.fromFirst))
 		p.counters[0].Add(float64(cs.fromFirst))
 	}
-	p.pend[1] = p.pend[1][w:]
-	if len(p.pend[1]) == 0 {
-		relayBufs.Put(p.pendBuf[1])
-		p.pend[1], p.pendBuf[1] = nil, nil
-	}
-	return true
 }
 
 // connected is called for an event on the upstream socket of a pair still
@@ -222,13 +228,7 @@ func (l *eventLoop) connected(p *pair, events uint32) bool {
 	// read only then, for the error's name (one system call less per
 	// connection; HAProxy does not read it either).
 	if !failed {
-		cs.timer.Stop()
-		p.connecting = nil
-		upstreams.NoteConnected(cs.current)
-		if cs.fromFirst > 0 {
-			p.n[0].Add(int64(cs.fromFirst))
-			p.counters[0].Add(float64(cs.fromFirst))
-		}
+		p.connectDone()
 		p.touch()
 		if p.pend[1] != nil {
 			return l.flush(p, 1) // the first bytes; flush sets both sides' interest

@@ -446,13 +446,22 @@ func (l *eventLoop) flush(p *pair, d int) bool {
 		return false
 	}
 	p.touch()
+	if !p.wrote(d, w) {
+		return true
+	}
+	return l.updateInterest(p)
+}
+
+// wrote takes the w bytes written to fds[d] (w < 0: none) off its pending
+// bytes, and gives the buffer back once they are all out, which it reports.
+func (p *pair) wrote(d, w int) (drained bool) {
 	p.pend[d] = p.pend[d][max(w, 0):]
 	if len(p.pend[d]) > 0 {
-		return true
+		return false
 	}
 	relayBufs.Put(p.pendBuf[d])
 	p.pend[d], p.pendBuf[d] = nil, nil
-	return l.updateInterest(p)
+	return true
 }
 
 // wantInterest is, for each socket, EPOLLIN while its bytes have somewhere
