@@ -54,7 +54,7 @@ func echoOn(t *testing.T, addr string) netip.AddrPort {
 
 // fullBacklog is a loopback address whose listener never accepts and whose
 // accept queue is full: the kernel drops a new SYN, so a connect hangs.
-func fullBacklog(t *testing.T) netip.AddrPort {
+func fullBacklog(t testing.TB) netip.AddrPort {
 	t.Helper()
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -274,6 +274,25 @@ func TestConnectedAtOnce(t *testing.T) {
 	}
 }
 
+// BenchmarkStillConnectingWrite is what connectedAtOnce costs when the
+// connect has not completed, as to any upstream a round trip away: one
+// write(2) answering EAGAIN on a socket in SYN_SENT (here: a loopback
+// listener that drops the SYN).
+func BenchmarkStillConnectingWrite(b *testing.B) {
+	fd, _, _, err := startConnect([]netip.AddrPort{fullBacklog(b)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rawClose(fd)
+	hello := make([]byte, 43)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := writeFD(fd, hello); err != unix.EAGAIN {
+			b.Fatalf("write on a connecting socket: %v, want EAGAIN", err)
+		}
+	}
+}
+
 // A cut while connecting ends the pair with errCut.
 func TestConnectFromLoopCut(t *testing.T) {
 	client, proxyClient := connectPair(t)
@@ -328,6 +347,24 @@ func TestConnectFromLoopNoTimeLeft(t *testing.T) {
 	}
 }
 
+// provisionProxy provisions a wa_proxy handler from its JSON, as Caddy does.
+func provisionProxy(t *testing.T, config string) *Handler {
+	t.Helper()
+	h := new(Handler)
+	if err := json.Unmarshal([]byte(config), h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
 // wa_proxy with the direct dialer and a plain client hands the connect to
 // the event loop: Handle returns while the connect is still pending (a
 // destination whose accept queue is full never answers the SYN), where a
@@ -339,15 +376,7 @@ func TestProxyHandlerConnectsFromLoop(t *testing.T) {
 		t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")
 	}
 	dest := fullBacklog(t)
-	h := new(Handler)
-	if err := json.Unmarshal([]byte(`{"destination":"`+dest.String()+`","allow":["127.0.0.1"],"connect_timeout":"5s"}`), h); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
+	h := provisionProxy(t, `{"destination":"`+dest.String()+`","allow":["127.0.0.1"],"connect_timeout":"5s"}`)
 	cx, client := limitPair(t, limitListen(t))
 	timeouts := limitErrors(metrics.KindTimeout)
 	returned := make(chan error, 1)
@@ -378,15 +407,7 @@ func TestProxyHandlerLetsGoOfConnection(t *testing.T) {
 		t.Skip("WAPROXY_RELAY=" + relayMode + ": no event loop")
 	}
 	echo := echoAddrPort(t)
-	h := new(Handler)
-	if err := json.Unmarshal([]byte(`{"destination":"`+echo.String()+`","allow":["127.0.0.1"]}`), h); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
+	h := provisionProxy(t, `{"destination":"`+echo.String()+`","allow":["127.0.0.1"]}`)
 	cx, client := limitPair(t, limitListen(t))
 	ref := weak.Make(cx)
 	if err := h.Handle(cx, nil); err != nil {
