@@ -223,14 +223,3 @@ func machineBusyTicks(text string) (int64, error) {
 	}
 	return busy, nil
 }
-
-// machineCPUSince returns a function that reports the busy CPU time of the
-// whole machine since machineCPUSince was called, and whether both
-// readings worked.
-func machineCPUSince() func() (time.Duration, bool) {
-	c0, err0 := readMachineCPU()
-	return func() (time.Duration, bool) {
-		c1, err1 := readMachineCPU()
-		return c1 - c0, err0 == nil && err1 == nil
-	}
-}

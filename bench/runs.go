@@ -30,9 +30,15 @@ func cpuSince(p *proc) func() (time.Duration, bool) {
 	if p.pid == 0 {
 		return func() (time.Duration, bool) { return 0, false }
 	}
-	c0, err0 := readCPU(p.pid)
+	return usedSince(func() (time.Duration, error) { return readCPU(p.pid) })
+}
+
+// usedSince returns a function that reports how much the CPU time read
+// grew since usedSince was called, and whether both readings worked.
+func usedSince(read func() (time.Duration, error)) func() (time.Duration, bool) {
+	c0, err0 := read()
 	return func() (time.Duration, bool) {
-		c1, err1 := readCPU(p.pid)
+		c1, err1 := read()
 		return c1 - c0, err0 == nil && err1 == nil
 	}
 }
@@ -81,7 +87,7 @@ func (b *bench) runExchanges(ctx context.Context, round int, t *target, x exchan
 	}
 	fds0, _ := p.fds()
 	runChat(ctx, dial, p.addr, x.workers, b.warm())
-	cpuUsed, machineUsed := cpuSince(p), machineCPUSince()
+	cpuUsed, machineUsed := cpuSince(p), usedSince(readMachineCPU)
 	res := runChat(ctx, dial, p.addr, x.workers, b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
 	machine, machineOK := machineUsed()
@@ -345,7 +351,7 @@ func (b *bench) runBulkSpec(ctx context.Context, round int, t *target, spec bulk
 	if spec.ts != nil {
 		dial = spec.ts.dial
 	}
-	cpuUsed, machineUsed := cpuSince(p), machineCPUSince()
+	cpuUsed, machineUsed := cpuSince(p), usedSince(readMachineCPU)
 	res := runBulk(ctx, dial, p.addr, b.cfg.streams, b.warm(), b.cfg.duration)
 	cpu, cpuOK := cpuUsed()
 	machine, machineOK := machineUsed()
