@@ -465,19 +465,9 @@ func (dd *Direct) dialAddrs(ctx context.Context, address string, addrs []netip.A
 func (dd *Direct) dialSerial(ctx context.Context, addrs []netip.AddrPort) (net.Conn, error) {
 	var first error
 	for i, ap := range addrs {
-		actx := ctx
-		if deadline, ok := ctx.Deadline(); ok {
-			var cancel context.CancelFunc
-			actx, cancel = context.WithTimeout(ctx, AttemptShare(time.Until(deadline), len(addrs)-i))
-			defer cancel()
-		}
-		c, err := dd.dialer.DialContext(actx, "tcp", ap.String())
+		c, err := dd.dialOne(ctx, ap, len(addrs)-i)
 		if err == nil {
-			NoteConnected(ap)
 			return c, nil
-		}
-		if dialErrKind(actx, err) == metrics.KindTimeout { // not a cancel: Happy Eyeballs' loser
-			NoteTimeout(ap) // the next connections try it last
 		}
 		first = cmp.Or(first, err)
 		if ctx.Err() != nil {
@@ -485,6 +475,25 @@ func (dd *Direct) dialSerial(ctx context.Context, addrs []netip.AddrPort) (net.C
 		}
 	}
 	return nil, first
+}
+
+// dialOne connects to ap within its AttemptShare of ctx's time, addrsLeft
+// addresses (ap included) being left to try, and notes in the unreachable
+// table how it went.
+func (dd *Direct) dialOne(ctx context.Context, ap netip.AddrPort, addrsLeft int) (net.Conn, error) {
+	if deadline, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, AttemptShare(time.Until(deadline), addrsLeft))
+		defer cancel() // a connection made does not depend on ctx
+	}
+	c, err := dd.dialer.DialContext(ctx, "tcp", ap.String())
+	switch {
+	case err == nil:
+		NoteConnected(ap)
+	case dialErrKind(ctx, err) == metrics.KindTimeout: // not a cancel: Happy Eyeballs' loser
+		NoteTimeout(ap) // the next connections try it last
+	}
+	return c, err
 }
 
 // dialErr is err, a failure to connect to address, as DialContext reports
