@@ -52,36 +52,10 @@ func echoOn(t *testing.T, addr string) netip.AddrPort {
 	return netip.MustParseAddrPort(testutil.StartEchoOn(t, addr).Addr)
 }
 
-// fullBacklog is a loopback address whose listener never accepts and whose
-// accept queue is full: the kernel drops a new SYN, so a connect hangs.
+// fullBacklog is a loopback address whose connect hangs (see
+// testutil.FullBacklog).
 func fullBacklog(t testing.TB) netip.AddrPort {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port))
-	// fill the queue: connects complete until it is full
-	for range 8 {
-		c, err := net.DialTimeout("tcp", ap.String(), 200*time.Millisecond)
-		if err != nil {
-			return ap
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-	t.Fatal("the accept queue never filled")
-	return ap
+	return testutil.FullBacklog(t, netip.MustParseAddr("127.0.0.1"))
 }
 
 type connectResult struct {

@@ -4,12 +4,9 @@ package upstreams
 
 import (
 	"context"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/waproxy/caddy-waproxy/internal/testutil"
 )
@@ -43,35 +40,10 @@ func TestDirectDialHappyEyeballs(t *testing.T) {
 	}
 }
 
-// silentV6 is an address on ::1 whose listener never accepts and whose
-// accept queue is full: the kernel drops a new SYN, so a connect hangs.
+// silentV6 is an address on ::1 whose connect hangs (see
+// testutil.FullBacklog).
 func silentV6(t *testing.T) netip.AddrPort {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.IPv6Loopback().As16()}); err != nil {
-		t.Skipf("no IPv6 loopback: %v", err)
-	}
-	if err := unix.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := netip.AddrPortFrom(netip.IPv6Loopback(), uint16(sa.(*unix.SockaddrInet6).Port))
-	for range 8 { // connects complete until the queue is full
-		c, err := net.DialTimeout("tcp6", ap.String(), 200*time.Millisecond)
-		if err != nil {
-			return ap
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-	t.Fatal("the accept queue never filled")
-	return ap
+	return testutil.FullBacklog(t, netip.IPv6Loopback())
 }
 
 // TestDirectDialSerialNotesTimeout: of one family's addresses, a silent
