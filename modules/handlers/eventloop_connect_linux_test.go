@@ -4,8 +4,6 @@ package handlers
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -18,7 +16,6 @@ import (
 	"time"
 	"weak"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
@@ -325,15 +322,7 @@ func TestConnectFromLoopNoTimeLeft(t *testing.T) {
 func provisionProxy(t *testing.T, config string) *Handler {
 	t.Helper()
 	h := new(Handler)
-	if err := json.Unmarshal([]byte(config), h); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.Validate(); err != nil {
+	if err := provisionJSON(t, config, h); err != nil {
 		t.Fatal(err)
 	}
 	return h

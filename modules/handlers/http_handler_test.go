@@ -2,8 +2,6 @@ package handlers
 
 import (
 	"bufio"
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -12,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -25,15 +22,7 @@ import (
 func provisionHTTP(t *testing.T, config string) (*HandleHTTP, error) {
 	t.Helper()
 	h := new(HandleHTTP)
-	if err := json.Unmarshal([]byte(config), h); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	err := h.Provision(ctx)
-	if err == nil {
-		err = h.Validate()
-	}
+	err := provisionJSON(t, config, h)
 	t.Cleanup(func() { _ = h.Cleanup() })
 	return h, err
 }

@@ -1,8 +1,6 @@
 package handlers
 
 import (
-	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -13,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
@@ -184,15 +181,7 @@ func TestLimitConcurrent(t *testing.T) {
 func provisionLimit(t *testing.T, config string) (*HandleLimit, error) {
 	t.Helper()
 	h := new(HandleLimit)
-	if err := json.Unmarshal([]byte(config), h); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		return h, err
-	}
-	return h, h.Validate()
+	return h, provisionJSON(t, config, h)
 }
 
 func TestHandleLimitValidate(t *testing.T) {
