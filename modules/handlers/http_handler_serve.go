@@ -672,12 +672,13 @@ func (c *httpConn) tunnel(req *http.Request, dest string) (offloaded bool) {
 	}
 	end := func(st pairStats, err error) {
 		c.relayErr = err
-		fields := []zap.Field{
-			zap.String("remote", c.remote), zap.String("destination", dest), zap.String("via", c.h.dialerID),
-			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
-			zap.Duration("duration", time.Since(start)),
-		}
-		logEnd(c.h.logger, "tunnel", fields, err)
+		logEnd(c.h.logger, "tunnel", err, func() []zap.Field {
+			return []zap.Field{
+				zap.String("remote", c.remote), zap.String("destination", dest), zap.String("via", c.h.dialerID),
+				zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
+				zap.Duration("duration", time.Since(start)),
+			}
+		})
 	}
 	return carry(c.cx.Conn, up, c.idle, c.rc, end, release)
 }

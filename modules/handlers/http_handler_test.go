@@ -173,7 +173,9 @@ func TestRemoveHopByHop(t *testing.T) {
 // TestLogEndCut: how logEnd (shared by wa_proxy's connections and wa_http's
 // tunnels) logs and counts each ending. A cut at shutdown is logged at info
 // level and counted by the shutdown, not as relay (errCut matches
-// net.ErrClosed, which alone would log it as a plain close).
+// net.ErrClosed, which alone would log it as a plain close). With the
+// logger at info (Caddy's default), the endings logged at debug build no
+// fields, and still count.
 func TestLogEndCut(t *testing.T) {
 	for _, c := range []struct {
 		err   error
@@ -194,15 +196,28 @@ func TestLogEndCut(t *testing.T) {
 		for _, k := range kinds {
 			before[k] = testutil.ToFloat64(metrics.Errors.WithLabelValues(k))
 		}
-		logEnd(zap.New(core), "tunnel", []zap.Field{zap.String("remote", "127.0.0.1:1")}, c.err)
+		logEnd(zap.New(core), "tunnel", c.err, func() []zap.Field { return []zap.Field{zap.String("remote", "127.0.0.1:1")} })
 		entries := logs.All()
 		if len(entries) != 1 || entries[0].Level != c.level || entries[0].Message != c.msg {
 			t.Errorf("%v: logged %v, want one %v %q", c.err, entries, c.level, c.msg)
 		}
+		if len(entries) == 1 && (len(entries[0].Context) != 1 || entries[0].Context[0].Key != "remote") && c.level != zapcore.WarnLevel {
+			t.Errorf("%v: fields %v, want the remote only", c.err, entries[0].Context)
+		}
+
+		infoCore, infoLogs := observer.New(zapcore.InfoLevel)
+		built := false
+		logEnd(zap.New(infoCore), "tunnel", c.err, func() []zap.Field { built = true; return nil })
+		if c.level == zapcore.DebugLevel && (built || infoLogs.Len() != 0) {
+			t.Errorf("%v: with the logger at info, fields built %v and %d entries; want neither", c.err, built, infoLogs.Len())
+		}
+		if c.level != zapcore.DebugLevel && (!built || infoLogs.Len() != 1) {
+			t.Errorf("%v: with the logger at info, fields built %v and %d entries; want both", c.err, built, infoLogs.Len())
+		}
 		for _, k := range kinds {
 			want := before[k]
 			if k == c.kind {
-				want++
+				want += 2 // once per logger
 			}
 			if got := testutil.ToFloat64(metrics.Errors.WithLabelValues(k)); got != want {
 				t.Errorf("%v: errors_total{kind=%q} %v, want %v", c.err, k, got, want)

@@ -285,12 +285,14 @@ func (c *proxyConn) end(st pairStats, err error) {
 		c.h.dialFailed(c.remote, c.dest, err)
 		return
 	}
-	logEnd(c.h.logger, "connection", []zap.Field{
-		zap.String("remote", c.remote), zap.String("destination", c.dest), zap.String("via", c.h.dialerID),
-		zap.String("protocol", c.protocol),
-		zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
-		zap.Duration("duration", time.Since(c.start)),
-	}, err)
+	logEnd(c.h.logger, "connection", err, func() []zap.Field {
+		return []zap.Field{
+			zap.String("remote", c.remote), zap.String("destination", c.dest), zap.String("via", c.h.dialerID),
+			zap.String("protocol", c.protocol),
+			zap.Int64("bytes_from_client", st.toUpstream), zap.Int64("bytes_to_client", st.toClient),
+			zap.Duration("duration", time.Since(c.start)),
+		}
+	})
 }
 
 func (c *proxyConn) badDestination(err error) {
