@@ -537,18 +537,18 @@ func TestCaddyTLSConfig(t *testing.T) {
 			if err := json.Compact(compact, raw); err != nil {
 				t.Fatal(err)
 			}
-			want := append([]string{`"layer4":`, `"handler":"tls"`, `"default_sni":"proxy.waproxy.internal"`}, tc.want...)
+			want := append([]string{`"layer4":`, `"default_sni":"proxy.waproxy.internal"`}, tc.want...)
 			switch tgt.name {
 			case "caddy-l4":
-				want = append(want, `"tls":{}`, `"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`)
+				want = append(want, `"tls":{}`, `"handler":"tls"`, `"handler":"proxy"`, `"dial":["127.0.0.1:5000"]`)
 			case "waproxy", "waproxy-socks5":
-				want = append(want, `"wa_silent":`, `"wa_tls":{}`, `"handler":"subroute"`, `"wa_xmpp":{}`,
+				want = append(want, `"wa_silent":`, `"wa_tls":{}`, `"handler":"wa_tls_terminate"`, `"handler":"subroute"`, `"wa_xmpp":{}`,
 					`"destination":"127.0.0.1:5000"`, `"destination":"{l4.wa_tls.server_name}:443"`)
 			}
 			// With the exit hop every wa_proxy dials through it: the
-			// catch-alls, chat and media passthrough (5 handlers).
+			// silent, media passthrough, chat decrypted and plain, the two catch-alls (6 handlers).
 			via := `"via":{"dialer":"socks5","servers":["127.0.0.1:1080"]}`
-			if n, want := strings.Count(compact.String(), via), map[bool]int{true: 5}[tgt.socks]; n != want {
+			if n, want := strings.Count(compact.String(), via), map[bool]int{true: 6}[tgt.socks]; n != want {
 				t.Errorf("%s TLS config: %d handlers dial through SOCKS5, want %d: %s", tgt.name, n, want, compact)
 			}
 			for _, w := range want {

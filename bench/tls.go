@@ -474,8 +474,10 @@ func caddyL4TLSRoutes(edge, _ string) any {
 // proxy as shipped) with every chat destination replaced by the edge:
 // wa_silent first; then wa_tls or wa_xmpp into a subroute that passes
 // WhatsApp's media through by server name, terminates any other TLS with
-// Caddy's tls handler, and sends chat (plain or decrypted) and anything else
-// to the edge with wa_proxy; a last catch-all route. With socks, every
+// wa_tls_terminate (caddy-l4's tls handler within a handshake timeout) and
+// sorts the decrypted bytes in a subroute of their own, and sends chat
+// (plain or decrypted) and anything else to the edge with wa_proxy; a last
+// catch-all route. With socks, every
 // wa_proxy dials through that SOCKS5 server.
 func waproxyTLSRoutes(edge, socks string) any {
 	toEdge := func() []any { return []any{waProxy(edge, socks, "127.0.0.1")} }
@@ -493,11 +495,16 @@ func waproxyTLSRoutes(edge, socks string) any {
 					"handle": []any{waProxy("{l4.wa_tls.server_name}:443", socks)},
 				},
 				map[string]any{
-					"match":  []any{map[string]any{"wa_tls": map[string]any{}}},
-					"handle": []any{map[string]any{"handler": "tls", "connection_policies": tlsPolicies()}},
+					"match": []any{map[string]any{"wa_tls": map[string]any{}}},
+					"handle": []any{
+						map[string]any{"handler": "wa_tls_terminate", "connection_policies": tlsPolicies()},
+						map[string]any{"handler": "subroute", "routes": []any{
+							map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()},
+							map[string]any{"handle": toEdge()},
+						}},
+					},
 				},
 				map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()},
-				map[string]any{"handle": toEdge()},
 			}}},
 		},
 		map[string]any{"handle": toEdge()},

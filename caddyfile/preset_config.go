@@ -73,33 +73,46 @@ func (p *Preset) server(listen []string, pp object) object {
 			"match": []any{object{"wa_tls": object{}}, object{"wa_xmpp": object{}}, object{"wa_http": object{}}},
 			"handle": []any{object{
 				"handler": "subroute",
-				"routes": []any{
+				"routes": append([]any{
 					object{
 						"match":  []any{object{"wa_tls": object{"sni": mediaNames}}},
 						"handle": []any{p.media()},
 					},
 					object{
 						"match": []any{object{"wa_tls": object{}}},
-						"handle": []any{object{
-							"handler":             "tls",
-							"connection_policies": []any{p.tlsPolicy()},
-						}},
+						"handle": []any{
+							object{
+								"handler":             "wa_tls_terminate",
+								"connection_policies": []any{p.tlsPolicy()},
+							},
+							// the decrypted bytes, sorted in a subroute of their
+							// own: its matching timeout starts after the handshake
+							object{"handler": "subroute", "routes": p.sorted()},
+						},
 					},
-					object{
-						"match":  []any{object{"wa_http": object{}}},
-						"handle": []any{p.httpHandler()},
-					},
-					object{
-						"match":  []any{object{"wa_xmpp": object{}}},
-						"handle": []any{p.chat()},
-					},
-					object{"handle": []any{p.chat()}},
-				},
+				}, p.sorted()[:2]...), // plain: wa_http or wa_xmpp matched (no catch-all)
 			}},
 		},
 		object{"handle": []any{p.chat()}},
 	}
 	return object{"listen": listen, "routes": p.guard(routes, pp)}
+}
+
+// sorted returns the routes that sort plain bytes, and the bytes that TLS
+// termination decrypted: HTTP proxy requests to wa_http, WhatsApp chat and
+// XMPP to chat, anything else to chat too (raw, as the official port 5222).
+func (p *Preset) sorted() []any {
+	return []any{
+		object{
+			"match":  []any{object{"wa_http": object{}}},
+			"handle": []any{p.httpHandler()},
+		},
+		object{
+			"match":  []any{object{"wa_xmpp": object{}}},
+			"handle": []any{p.chat()},
+		},
+		object{"handle": []any{p.chat()}},
+	}
 }
 
 // guard puts the handlers that run before any matcher in front of a

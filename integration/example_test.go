@@ -48,8 +48,8 @@ func rewriteMainExample(t *testing.T, listen, socks, chat, storage string, hosts
 		}
 	}
 	counts := localHandlers(t, servers, "localhost:"+chatPort, []string{"localhost"}, hosts, socks)
-	if counts["chat"] != 4 || counts["media"] != 1 || counts["http"] != 1 {
-		t.Fatalf("examples/Caddyfile.json has %v handlers; the test expects 4 chat, 1 media, 1 http (update it)", counts)
+	if counts["chat"] != 5 || counts["media"] != 1 || counts["http"] != 2 {
+		t.Fatalf("examples/Caddyfile.json has %v handlers; the test expects 5 chat, 1 media, 2 http (update it)", counts)
 	}
 	out, _ := json.Marshal(cfg)
 	return string(out)

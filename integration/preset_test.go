@@ -67,8 +67,8 @@ func adaptPresetServers(t *testing.T, caddyfile string, listen map[string]string
 		s["listen"] = []string{addr}
 	}
 	counts := localHandlers(t, servers, "localhost:"+chatPort, []string{"localhost", "127.0.0.1"}, hosts, "")
-	if counts["chat"] != 4*len(listen) || counts["media"] != len(listen) || counts["http"] != len(listen) {
-		t.Fatalf("preset has %v handlers; the test expects 4 chat, 1 media, 1 http per server", counts)
+	if counts["chat"] != 5*len(listen) || counts["media"] != len(listen) || counts["http"] != 2*len(listen) {
+		t.Fatalf("preset has %v handlers; the test expects 5 chat, 1 media, 2 http per server", counts)
 	}
 	out, _ := json.Marshal(cfg)
 	return string(out)

@@ -842,8 +842,8 @@ func rewriteExample(t *testing.T, listen, chat, storage string, hosts map[string
 		srv.(obj)["listen"] = []string{listen}
 	}
 	counts := localHandlers(t, servers, chat, []string{"127.0.0.1"}, hosts, "")
-	if counts["chat"] != 4 || counts["media"] != 1 {
-		t.Fatalf("examples/tls.json has %v handlers; the test expects 4 chat and 1 media (update it)", counts)
+	if counts["chat"] != 5 || counts["media"] != 1 {
+		t.Fatalf("examples/tls.json has %v handlers; the test expects 5 chat and 1 media (update it)", counts)
 	}
 	out, _ := json.Marshal(cfg)
 	return string(out)

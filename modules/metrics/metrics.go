@@ -58,6 +58,9 @@ const (
 	// KindShutdownCut: a live connection was closed at the end of the
 	// grace period of a graceful shutdown.
 	KindShutdownCut = "shutdown_cut"
+	// KindTLSHandshake: a client's TLS handshake with wa_tls_terminate
+	// failed or did not complete within its handshake_timeout.
+	KindTLSHandshake = "tls_handshake"
 )
 
 // ErrorKinds lists every value of the kind label, so each series exists from the start.
@@ -66,6 +69,7 @@ var ErrorKinds = []string{
 	KindSOCKS5Protocol, KindProxyProtocol, KindIdleTimeout, KindRelay, KindDestination,
 	KindHTTPRequest, KindProxyAuth, KindUpstream, KindResponseTimeout,
 	KindUpstreamTLS, KindMaxConnections, KindMaxConnectionsPerIP, KindShutdownCut,
+	KindTLSHandshake,
 }
 
 // Protocols: the values of the `protocol` label of whatsapp_proxy_protocol_connections.
