@@ -371,8 +371,11 @@ func (l *eventLoop) serve(p *pair, fd int32, events uint32) {
 		l.close(p, sockError(p.fds[s]))
 		return
 	}
-	if !acted && events&unix.EPOLLHUP != 0 && !p.closed {
-		// both halves of this socket are shut and nothing is left to do on it
+	if !acted && events&unix.EPOLLHUP != 0 && !p.closed && !p.readPaused(s) {
+		// both halves of this socket are shut and nothing is left to do
+		// on it. While its reading is paused, bytes may still wait in
+		// its receive queue: they are read, and its EOF, once the other
+		// side has drained (see wantInterest).
 		l.close(p, nil)
 	}
 }
@@ -465,18 +468,33 @@ func (p *pair) wrote(d, w int) (drained bool) {
 }
 
 // wantInterest is, for each socket, EPOLLIN while its bytes have somewhere
-// to go and EPOLLOUT while bytes wait to be written to it.
+// to go and EPOLLOUT while bytes wait to be written to it. A socket whose
+// reading is paused (readPaused) and that has nothing to write gets
+// EPOLLONESHOT alone: epoll reports EPOLLHUP (both halves shut: the peer's
+// FIN after our shutdown) whatever the interest, and would report it again
+// on every wait; one-shot reports it once, and the change to EPOLLIN when
+// the other side has drained arms the socket again, so the bytes still in
+// its receive queue are read then.
 func (p *pair) wantInterest() [2]uint32 {
 	var want [2]uint32
 	for i := range 2 {
-		if !p.eof[i] && p.pend[1-i] == nil && p.pipeLen[1-i] == 0 {
+		switch {
+		case !p.eof[i] && p.pend[1-i] == nil && p.pipeLen[1-i] == 0:
 			want[i] |= unix.EPOLLIN
+		case p.readPaused(i) && p.pend[i] == nil && p.pipeLen[i] == 0:
+			want[i] |= unix.EPOLLONESHOT
 		}
 		if p.pend[i] != nil || p.pipeLen[i] > 0 {
 			want[i] |= unix.EPOLLOUT
 		}
 	}
 	return want
+}
+
+// readPaused reports whether fds[i] has not ended but is not read while
+// bytes read from it wait to be written to the other side.
+func (p *pair) readPaused(i int) bool {
+	return !p.eof[i] && (p.pend[1-i] != nil || p.pipeLen[1-i] > 0)
 }
 
 // updateInterest registers wantInterest with the loop's epoll set.
