@@ -263,16 +263,20 @@ func (l *eventLoop) retryConnect(p *pair, kind string, cause error) {
 	l.mu.Lock()
 	delete(l.pairs, int32(old))
 	l.mu.Unlock()
+	now := time.Now()
+	fd, current, rest := -1, netip.AddrPort{}, []netip.AddrPort(nil)
+	if now.Before(cs.deadline) {
+		// The next socket is made while the old one is still open, so it
+		// cannot get the old one's number: an event of the old socket
+		// later in this batch (its connect completing as its time ran out)
+		// finds no pair under that number, instead of passing for the new
+		// socket's (the pair keeps its id).
+		fd, current, rest, _ = startConnect(cs.addrs) // fd < 0 when every address failed at once
+	}
 	_ = rawClose(old) // the last descriptor (see pair): out of the epoll set too
 	p.fds[1] = -1
-	now := time.Now()
-	if !now.Before(cs.deadline) {
-		l.failConnect(p, cs.firstKind, cs.firstErr)
-		return
-	}
-	fd, current, rest, err := startConnect(cs.addrs)
-	if err != nil {
-		l.failConnect(p, cs.firstKind, cs.firstErr)
+	if fd < 0 {
+		l.failConnect(p, cs.firstKind, cs.firstErr) // out of time, or every address failed at once
 		return
 	}
 	cs.current, cs.addrs = current, rest

@@ -395,3 +395,84 @@ func TestProxyHandlerLetsGoOfConnection(t *testing.T) {
 	}
 	t.Fatal("caddy-l4's Connection is still reachable while the event loop relays the pair")
 }
+
+// TestConnectRetryIgnoresStaleEvent: one batch of events holds the connect
+// timer's wake-up (the first address's time is up) and then the first
+// socket's writable (its connect completed at that moment). The wake-up
+// moves the pair on to the next address (one that never answers); the
+// writable that follows belongs to the closed socket and must not pass for
+// the new socket's: the pair is still connecting afterwards. (It used to
+// pass when the new socket got the old one's number, as the lowest free
+// descriptor: the pair was taken as connected to an address in SYN_SENT.)
+// The batch is run as eventLoop.run runs it, on a loop that is not started.
+func TestConnectRetryIgnoresStaleEvent(t *testing.T) {
+	l, err := newEventLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(l.wakefd); _ = l.set.file.Close() })
+	_, proxyClient := connectPair(t)
+	cfd, err := dupFD(proxyClient.(*net.TCPConn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = proxyClient.Close()
+	good, silent := echoAddrPort(t), fullBacklog(t)
+	var n [2]atomic.Int64
+	counters := [2]prometheus.Counter{prometheus.NewCounter(prometheus.CounterOpts{Name: "a"}), prometheus.NewCounter(prometheus.CounterOpts{Name: "b"})}
+	p := newPair(cfd, -1, time.Minute, [2]*atomic.Int64{&n[0], &n[1]}, counters, func(pairStats, error) {})
+	// 1. the connect timer's wake-up is queued first ...
+	l.mu.Lock()
+	l.late = append(l.late, p)
+	l.mu.Unlock()
+	l.notify()
+	// 2. ... then the first address's connect completes (loopback: at once)
+	ufd, current, rest, err := startConnect([]netip.AddrPort{good, silent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.fds[1] = ufd
+	p.connecting = &connectState{address: "dest.example:443", current: current, addrs: rest, deadline: time.Now().Add(time.Minute)}
+	if err := l.addWith(p, [2]uint32{0, unix.EPOLLOUT}); err != nil {
+		t.Fatal(err)
+	}
+	p.connecting.timer.Stop()
+	p.connecting.attemptBy = time.Now().Add(-time.Millisecond) // its share has passed
+	events := make([]unix.EpollEvent, 16)
+	var k int
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if k, err = rawEpollPoll(l.epfd, events); err != nil {
+			t.Fatal(err)
+		}
+		if k == 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if k != 2 || events[0].Fd != int32(l.wakefd) || events[1].Fd != int32(ufd) || events[1].Events&unix.EPOLLOUT == 0 {
+		t.Skipf("batch %v: not the order this test needs", events[:k])
+	}
+	for _, ev := range events[:k] { // as eventLoop.run
+		if ev.Fd == int32(l.wakefd) {
+			l.closeCut()
+			continue
+		}
+		l.mu.Lock()
+		q := l.pairs[ev.Fd]
+		l.mu.Unlock()
+		if q == nil || q.closed || uint32(ev.Pad) != q.id {
+			continue
+		}
+		l.serve(q, ev.Fd, ev.Events)
+	}
+	defer l.close(p, nil)
+	if p.closed {
+		t.Fatal("pair closed")
+	}
+	if p.fds[1] == ufd {
+		t.Errorf("the next address's socket got the number %d of the socket it replaced", ufd)
+	}
+	if p.connecting == nil {
+		t.Fatalf("the old socket's writable was taken for the new socket's connect to %v (SYN_SENT); interest %v", silent, p.interest)
+	}
+}
