@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -510,4 +511,61 @@ http:// {
 	}
 	conn := dial(t, listen)
 	exchange(t, conn, waHello())
+}
+
+// TestPresetSilentBehindProxyHeader: behind a load balancer that sends a
+// PROXY header, a client that then says nothing (server-speaks-first) goes
+// to the chat destination after the silent wait, as without a header, for
+// both header versions; a client whose first bytes came in the same segment
+// as the header (go-proxyproto holds them in its buffer, where a peek at
+// the socket cannot see them) is sorted by those bytes, not taken for
+// silent.
+func TestPresetSilentBehindProxyHeader(t *testing.T) {
+	const banner = "220 server speaks first\r\n"
+	listen := testutil.FreeAddr(t)
+	c := testutil.StartCaddy(t, adaptPreset(t, `{
+	waproxy {
+		proxy_protocol_from 127.0.0.1
+	}
+}`, listen, bannerServer(t, banner), t.TempDir(), nil))
+	claimed := &net.TCPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 4242}
+
+	for _, version := range []byte{1, 2} {
+		t.Run(fmt.Sprintf("silent_after_v%d_header", version), func(t *testing.T) {
+			conn := dial(t, listen)
+			if _, err := proxyproto.HeaderProxyFromAddrs(version, claimed, conn.RemoteAddr()).WriteTo(conn); err != nil {
+				t.Fatal(err)
+			}
+			line, err := bufio.NewReader(conn).ReadString('\n')
+			if err != nil || line != banner {
+				t.Fatalf("a silent client behind a v%d header read %q, %v; want the chat destination's banner", version, line, err)
+			}
+			waitMetric(t, c, `whatsapp_proxy_protocol_connections{protocol="raw"}`, 1)
+			conn.Close()
+			waitMetric(t, c, `whatsapp_proxy_protocol_connections{protocol="raw"}`, 0)
+		})
+	}
+
+	t.Run("hello_in_the_header's_segment", func(t *testing.T) {
+		conn := dial(t, listen)
+		hdr, err := proxyproto.HeaderProxyFromAddrs(2, claimed, conn.RemoteAddr()).Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		hello := waHello()
+		if _, err := conn.Write(append(hdr, hello...)); err != nil { // one write, one segment
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(conn)
+		if line, err := br.ReadString('\n'); err != nil || line != banner {
+			t.Fatalf("read %q, %v; want the chat destination's banner", line, err)
+		}
+		got := make([]byte, len(hello))
+		if _, err := io.ReadFull(br, got); err != nil || !bytes.Equal(got, hello) {
+			t.Fatalf("echo of the hello: %x, %v", got, err)
+		}
+		waitMetric(t, c, `whatsapp_proxy_protocol_connections{protocol="whatsapp"}`, 1)
+		conn.Close()
+		waitMetric(t, c, `whatsapp_proxy_protocol_connections{protocol="whatsapp"}`, 0)
+	})
 }
