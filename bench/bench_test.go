@@ -1090,3 +1090,33 @@ func TestDocumentTLSBulk(t *testing.T) {
 		}
 	}
 }
+
+// TestWaproxyTLSRoutesBefore: a build without wa_tls_terminate (just ab
+// against an older revision) gets the layout it shipped with: caddy-l4's
+// tls handler, no nested subroute, the same wa_proxy handlers but one.
+func TestWaproxyTLSRoutesBefore(t *testing.T) {
+	for _, tc := range []struct {
+		routes      any
+		want, not   string
+		subroutes   int
+		destsToEdge int
+	}{
+		{waproxyTLSRoutes("127.0.0.1:5000", ""), `"handler":"wa_tls_terminate"`, `"handler":"tls"`, 2, 5},
+		{waproxyTLSRoutesBefore("127.0.0.1:5000", ""), `"handler":"tls"`, `"handler":"wa_tls_terminate"`, 1, 4},
+	} {
+		b, err := json.Marshal(tc.routes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := string(b)
+		if !strings.Contains(s, tc.want) || strings.Contains(s, tc.not) {
+			t.Errorf("routes %s: want %s and not %s", s, tc.want, tc.not)
+		}
+		if n := strings.Count(s, `"handler":"subroute"`); n != tc.subroutes {
+			t.Errorf("routes %s: %d subroutes, want %d", s, n, tc.subroutes)
+		}
+		if n := strings.Count(s, `"destination":"127.0.0.1:5000"`); n != tc.destsToEdge {
+			t.Errorf("routes %s: %d wa_proxy to the edge, want %d", s, n, tc.destsToEdge)
+		}
+	}
+}

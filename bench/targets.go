@@ -31,16 +31,18 @@ const (
 
 // target is one way for the client to reach the edge.
 type target struct {
-	name       string
-	kind       targetKind
-	bufsize    int                          // HAProxy's tune.bufsize
-	routes     func(edge, socks string) any // Caddy: the layer4 server's routes ("" socks: dial directly)
-	tlsRoutes  func(edge, socks string) any // Caddy: the routes when it terminates TLS
-	modules    []string                     // Caddy: modules the binary must have
-	tlsModules []string                     // Caddy: and those the tls figure needs
-	socks      bool                         // Caddy: dials through a microsocks started with it
-	buildB     bool                         // Caddy: runs the -caddy-b build instead of -caddy
-	notRun     string                       // why the target is not run; "" when it is
+	name      string
+	kind      targetKind
+	bufsize   int                          // HAProxy's tune.bufsize
+	routes    func(edge, socks string) any // Caddy: the layer4 server's routes ("" socks: dial directly)
+	tlsRoutes func(edge, socks string) any // Caddy: the routes when it terminates TLS
+	// tlsRoutesBefore: those routes for a build without wa_tls_terminate
+	tlsRoutesBefore func(edge, socks string) any
+	modules         []string // Caddy: modules the binary must have
+	tlsModules      []string // Caddy: and those the tls figure needs
+	socks           bool     // Caddy: dials through a microsocks started with it
+	buildB          bool     // Caddy: runs the -caddy-b build instead of -caddy
+	notRun          string   // why the target is not run; "" when it is
 }
 
 // baseline is the target the ratios are computed against.
@@ -55,18 +57,18 @@ func allTargets() []*target {
 		{name: "caddy-l4", kind: kindCaddy, routes: caddyL4Routes, tlsRoutes: caddyL4TLSRoutes,
 			modules:    []string{"layer4", "layer4.handlers.proxy"},
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.tls", "layer4.handlers.tls"}},
-		{name: "waproxy", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes,
+		{name: "waproxy", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, tlsRoutesBefore: waproxyTLSRoutesBefore,
 			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"},
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
 				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
-		{name: "waproxy-socks5", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, socks: true,
+		{name: "waproxy-socks5", kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, tlsRoutesBefore: waproxyTLSRoutesBefore, socks: true,
 			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy", "wa.dialers.socks5"},
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
 				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
 		{name: "microsocks", kind: kindSOCKS},
 		// waproxy as the -caddy-b build runs it: two builds side by side
 		// in one run, for a change's before and after (see buildA/buildB).
-		{name: buildB, kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, buildB: true,
+		{name: buildB, kind: kindCaddy, routes: waproxyRoutes, tlsRoutes: waproxyTLSRoutes, tlsRoutesBefore: waproxyTLSRoutesBefore, buildB: true,
 			modules: []string{"layer4", "layer4.matchers.wa_xmpp", "layer4.handlers.wa_proxy"},
 			tlsModules: []string{"tls", "pki", "tls.issuance.internal", "layer4.matchers.wa_tls",
 				"layer4.matchers.wa_silent", "layer4.handlers.subroute", "layer4.handlers.tls"}},
@@ -197,6 +199,14 @@ type binaries struct {
 	caddyB                     string          // -caddy-b: the build of the waproxy-b target ("" none)
 	caddyModules               map[string]bool // from caddy list-modules
 	caddyBModules              map[string]bool // the same for caddyB
+}
+
+// modulesFor is the module list of the Caddy binary target t runs.
+func (bin *binaries) modulesFor(t *target) map[string]bool {
+	if t.buildB {
+		return bin.caddyBModules
+	}
+	return bin.caddyModules
 }
 
 // caddyFor is the Caddy binary target t runs.
@@ -397,6 +407,9 @@ func (t *target) startProxy(ctx context.Context, dir, base string, bin *binaries
 		routes, apps := t.routes(edge, socks), map[string]any(nil)
 		if ts != nil {
 			routes, apps = t.tlsRoutes(edge, socks), ts.caddyApps()
+			if t.tlsRoutesBefore != nil && !bin.modulesFor(t)["layer4.handlers.wa_tls_terminate"] {
+				routes = t.tlsRoutesBefore(edge, socks) // an older build (just ab)
+			}
 		}
 		cfg, err := caddyConfig(admin, listen, dir, routes, apps)
 		if err != nil {

@@ -477,10 +477,33 @@ func caddyL4TLSRoutes(edge, _ string) any {
 // wa_tls_terminate (caddy-l4's tls handler within a handshake timeout) and
 // sorts the decrypted bytes in a subroute of their own, and sends chat
 // (plain or decrypted) and anything else to the edge with wa_proxy; a last
-// catch-all route. With socks, every
-// wa_proxy dials through that SOCKS5 server.
-func waproxyTLSRoutes(edge, socks string) any {
+// catch-all route. With socks, every wa_proxy dials through that SOCKS5
+// server.
+func waproxyTLSRoutes(edge, socks string) any { return waproxyTLSLayout(edge, socks, true) }
+
+// waproxyTLSRoutesBefore are those routes as shipped before wa_tls_terminate
+// (7533808), for a build without it (just ab against an older revision):
+// caddy-l4's tls handler, the decrypted bytes sorted by the routes after it.
+func waproxyTLSRoutesBefore(edge, socks string) any { return waproxyTLSLayout(edge, socks, false) }
+
+func waproxyTLSLayout(edge, socks string, withTerminate bool) any {
 	toEdge := func() []any { return []any{waProxy(edge, socks, "127.0.0.1")} }
+	chat := map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()}
+	terminate := map[string]any{
+		"match":  []any{map[string]any{"wa_tls": map[string]any{}}},
+		"handle": []any{map[string]any{"handler": "tls", "connection_policies": tlsPolicies()}},
+	}
+	after := []any{chat, map[string]any{"handle": toEdge()}} // chat, plain or decrypted; other decrypted bytes
+	if withTerminate {
+		terminate["handle"] = []any{
+			map[string]any{"handler": "wa_tls_terminate", "connection_policies": tlsPolicies()},
+			map[string]any{"handler": "subroute", "routes": []any{
+				map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()},
+				map[string]any{"handle": toEdge()},
+			}},
+		}
+		after = []any{chat} // plain chat
+	}
 	return []any{
 		map[string]any{
 			"match":  []any{map[string]any{"wa_silent": map[string]any{"wait": int64(2 * time.Second)}}},
@@ -488,24 +511,14 @@ func waproxyTLSRoutes(edge, socks string) any {
 		},
 		map[string]any{
 			"match": []any{map[string]any{"wa_tls": map[string]any{}}, map[string]any{"wa_xmpp": map[string]any{}}},
-			"handle": []any{map[string]any{"handler": "subroute", "routes": []any{
+			"handle": []any{map[string]any{"handler": "subroute", "routes": append([]any{
 				map[string]any{
 					"match": []any{map[string]any{"wa_tls": map[string]any{
 						"sni": []string{"whatsapp.net", "*.whatsapp.net", "whatsapp.com", "*.whatsapp.com"}}}},
 					"handle": []any{waProxy("{l4.wa_tls.server_name}:443", socks)},
 				},
-				map[string]any{
-					"match": []any{map[string]any{"wa_tls": map[string]any{}}},
-					"handle": []any{
-						map[string]any{"handler": "wa_tls_terminate", "connection_policies": tlsPolicies()},
-						map[string]any{"handler": "subroute", "routes": []any{
-							map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()},
-							map[string]any{"handle": toEdge()},
-						}},
-					},
-				},
-				map[string]any{"match": []any{map[string]any{"wa_xmpp": map[string]any{}}}, "handle": toEdge()},
-			}}},
+				terminate,
+			}, after...)}},
 		},
 		map[string]any{"handle": toEdge()},
 	}
