@@ -404,7 +404,7 @@ func TestProxyHandlerLetsGoOfConnection(t *testing.T) {
 // the new socket's: the pair is still connecting afterwards. (It used to
 // pass when the new socket got the old one's number, as the lowest free
 // descriptor: the pair was taken as connected to an address in SYN_SENT.)
-// The batch is run as eventLoop.run runs it, on a loop that is not started.
+// The batch goes through the loop's dispatch, on a loop that is not started.
 func TestConnectRetryIgnoresStaleEvent(t *testing.T) {
 	l, err := newEventLoop()
 	if err != nil {
@@ -452,19 +452,7 @@ func TestConnectRetryIgnoresStaleEvent(t *testing.T) {
 	if k != 2 || events[0].Fd != int32(l.wakefd) || events[1].Fd != int32(ufd) || events[1].Events&unix.EPOLLOUT == 0 {
 		t.Skipf("batch %v: not the order this test needs", events[:k])
 	}
-	for _, ev := range events[:k] { // as eventLoop.run
-		if ev.Fd == int32(l.wakefd) {
-			l.closeCut()
-			continue
-		}
-		l.mu.Lock()
-		q := l.pairs[ev.Fd]
-		l.mu.Unlock()
-		if q == nil || q.closed || uint32(ev.Pad) != q.id {
-			continue
-		}
-		l.serve(q, ev.Fd, ev.Events)
-	}
+	l.dispatch(events[:k]) // as eventLoop.run does
 	defer l.close(p, nil)
 	if p.closed {
 		t.Fatal("pair closed")

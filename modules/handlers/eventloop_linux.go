@@ -277,23 +277,29 @@ func (l *eventLoop) run() {
 		l.sweep()
 	}
 	l.set.run(make([]unix.EpollEvent, 256), func(events []unix.EpollEvent) {
-		for _, ev := range events {
-			if ev.Fd == int32(l.wakefd) {
-				l.closeCut()
-				continue
-			}
-			l.mu.Lock()
-			p := l.pairs[ev.Fd]
-			l.mu.Unlock()
-			if p == nil || p.closed || uint32(ev.Pad) != p.id {
-				continue // a stale event, or a pair not fully registered yet
-			}
-			l.serve(p, ev.Fd, ev.Events)
-		}
+		l.dispatch(events)
 		if time.Since(lastSweep) >= time.Second {
 			sweep() // under constant traffic the tick may wait
 		}
 	}, time.Second, sweep)
+}
+
+// dispatch handles one batch of events, in order: the wake-up's (cuts,
+// connect timers), and each socket's readiness for the pair it belongs to.
+func (l *eventLoop) dispatch(events []unix.EpollEvent) {
+	for _, ev := range events {
+		if ev.Fd == int32(l.wakefd) {
+			l.closeCut()
+			continue
+		}
+		l.mu.Lock()
+		p := l.pairs[ev.Fd]
+		l.mu.Unlock()
+		if p == nil || p.closed || uint32(ev.Pad) != p.id {
+			continue // a stale event, or a pair not fully registered yet
+		}
+		l.serve(p, ev.Fd, ev.Events)
+	}
 }
 
 // sweep closes pairs where nothing moved for their idle timeout.

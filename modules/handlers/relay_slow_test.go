@@ -78,22 +78,7 @@ func TestRelayHalfCloseThenSlowReader(t *testing.T) {
 			_ = s.upstream.Close()
 		}()
 		time.Sleep(500 * time.Millisecond) // the buffers towards the client fill up
-		_ = s.client.SetReadDeadline(time.Now().Add(30 * time.Second))
-		got, err := io.ReadAll(s.client)
-		if err != nil {
-			t.Fatalf("after %d bytes: %v", len(got), err)
-		}
-		if sha256.Sum256(got) != sha256.Sum256(payload) {
-			t.Fatalf("received %d bytes, want the %d sent, intact", len(got), len(payload))
-		}
-		select {
-		case err := <-ended:
-			if err != nil {
-				t.Fatalf("relay ended with %v; want a clean end", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the relay did not end")
-		}
+		expectAllThenEnd(t, s.client, payload, ended)
 		if rc.FromUpstream.Load() != int64(len(payload)) {
 			t.Fatalf("counted %d bytes from the upstream, want %d", rc.FromUpstream.Load(), len(payload))
 		}
@@ -121,24 +106,31 @@ func TestRelayUpstreamClosesThenClientSends(t *testing.T) {
 			_ = s.client.Close()
 		}()
 		time.Sleep(500 * time.Millisecond)
-		_ = s.upstream.SetReadDeadline(time.Now().Add(30 * time.Second))
-		got, err := io.ReadAll(s.upstream)
-		if err != nil {
-			t.Fatalf("after %d bytes: %v", len(got), err)
-		}
-		if sha256.Sum256(got) != sha256.Sum256(payload) {
-			t.Fatalf("received %d bytes, want the %d sent, intact", len(got), len(payload))
-		}
-		select {
-		case err := <-ended:
-			if err != nil {
-				t.Fatalf("relay ended with %v; want a clean end", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the relay did not end")
-		}
+		expectAllThenEnd(t, s.upstream, payload, ended)
 		if rc.FromClient.Load() != int64(len(payload)) {
 			t.Fatalf("counted %d bytes from the client, want %d", rc.FromClient.Load(), len(payload))
 		}
 	})
+}
+
+// expectAllThenEnd reads c to EOF, expects exactly payload, and then the
+// relay's clean end.
+func expectAllThenEnd(t *testing.T, c net.Conn, payload []byte, ended <-chan error) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("after %d bytes: %v", len(got), err)
+	}
+	if sha256.Sum256(got) != sha256.Sum256(payload) {
+		t.Fatalf("received %d bytes, want the %d sent, intact", len(got), len(payload))
+	}
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Fatalf("relay ended with %v; want a clean end", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the relay did not end")
+	}
 }
