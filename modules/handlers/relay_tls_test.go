@@ -612,3 +612,39 @@ func BenchmarkTLSRelayThroughput(b *testing.B) {
 		})
 	}
 }
+
+// TestTLSRelayHalfCloseThenSlowReader is TestRelayHalfCloseThenSlowReader
+// for a TLS-terminated client (the wake-up relay): the client half-closes,
+// then the upstream answers with more than a slow client's buffers hold
+// and closes; every byte still arrives, then EOF.
+func TestTLSRelayHalfCloseThenSlowReader(t *testing.T) {
+	relayModes(t, func(t *testing.T) {
+		tr := startTLSRelayWith(t, time.Minute, nil, func(c *net.TCPConn) { _ = c.SetWriteBuffer(8 << 10) })
+		_ = tr.raw.SetReadBuffer(8 << 10)
+		if _, err := tr.client.Write([]byte("req")); err != nil {
+			t.Fatal(err)
+		}
+		if err := tr.client.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		payload := make([]byte, 128<<10)
+		_, _ = rand.Read(payload)
+		go func() {
+			_, _ = io.ReadAll(tr.upstream) // the request, then the relay's FIN
+			_, _ = tr.upstream.Write(payload)
+			_ = tr.upstream.Close()
+		}()
+		time.Sleep(500 * time.Millisecond) // the buffers towards the client fill up
+		_ = tr.client.SetReadDeadline(time.Now().Add(30 * time.Second))
+		got, err := io.ReadAll(tr.client)
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", len(got), err)
+		}
+		if !bytes.Equal(got, payload) {
+			t.Fatalf("received %d bytes, want the %d sent, intact", len(got), len(payload))
+		}
+		if err := tr.waitEnd(t); err != nil {
+			t.Fatalf("the relay ended with %v, want nil", err)
+		}
+	})
+}
