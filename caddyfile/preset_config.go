@@ -86,11 +86,12 @@ func (p *Preset) server(listen []string, pp object) object {
 								"connection_policies": []any{p.tlsPolicy()},
 							},
 							// the decrypted bytes, sorted in a subroute of their
-							// own: its matching timeout starts after the handshake
-							object{"handler": "subroute", "routes": p.sorted()},
+							// own: its matching timeout starts after the handshake;
+							// what is neither goes to chat raw
+							object{"handler": "subroute", "routes": append(p.sorted(), object{"handle": []any{p.chat()}})},
 						},
 					},
-				}, p.sorted()[:2]...), // plain: wa_http or wa_xmpp matched (no catch-all)
+				}, p.sorted()...), // plain: wa_http or wa_xmpp matched, so no catch-all
 			}},
 		},
 		object{"handle": []any{p.chat()}},
@@ -98,9 +99,9 @@ func (p *Preset) server(listen []string, pp object) object {
 	return object{"listen": listen, "routes": p.guard(routes, pp)}
 }
 
-// sorted returns the routes that sort plain bytes, and the bytes that TLS
+// sorted returns the routes that sort plain bytes and the bytes that TLS
 // termination decrypted: HTTP proxy requests to wa_http, WhatsApp chat and
-// XMPP to chat, anything else to chat too (raw, as the official port 5222).
+// XMPP to chat.
 func (p *Preset) sorted() []any {
 	return []any{
 		object{
@@ -111,7 +112,6 @@ func (p *Preset) sorted() []any {
 			"match":  []any{object{"wa_xmpp": object{}}},
 			"handle": []any{p.chat()},
 		},
-		object{"handle": []any{p.chat()}},
 	}
 }
 

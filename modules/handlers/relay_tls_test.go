@@ -635,16 +635,6 @@ func TestTLSRelayHalfCloseThenSlowReader(t *testing.T) {
 			_ = tr.upstream.Close()
 		}()
 		time.Sleep(500 * time.Millisecond) // the buffers towards the client fill up
-		_ = tr.client.SetReadDeadline(time.Now().Add(30 * time.Second))
-		got, err := io.ReadAll(tr.client)
-		if err != nil {
-			t.Fatalf("after %d bytes: %v", len(got), err)
-		}
-		if !bytes.Equal(got, payload) {
-			t.Fatalf("received %d bytes, want the %d sent, intact", len(got), len(payload))
-		}
-		if err := tr.waitEnd(t); err != nil {
-			t.Fatalf("the relay ended with %v, want nil", err)
-		}
+		expectAllThenEnd(t, tr.client, payload, tr.ended)
 	})
 }
