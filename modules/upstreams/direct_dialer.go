@@ -59,12 +59,9 @@ func (*Direct) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets up the dialer and starts the health check. Connections
-// DialContext makes have TCP keep-alive at Go's defaults (probes after 15s
-// idle); wa_proxy's event loop connects to Resolve's addresses itself,
-// without keep-alive (its idle timeout ends dead connections).
+// Provision sets up the dialer and starts the health check.
 func (dd *Direct) Provision(ctx caddy.Context) error {
-	dd.dialer = net.Dialer{}
+	dd.dialer = tcpDialer()
 	switch {
 	case dd.ResolveCache == 0:
 		dd.cacheFor = DefaultResolveCache
@@ -89,6 +86,16 @@ func (dd *Direct) Provision(ctx caddy.Context) error {
 	}
 	return nil
 }
+
+// tcpDialer is the net.Dialer behind every connection the dialers make
+// (DialContext's, the SOCKS5 dialer's to its servers): no TCP keep-alive,
+// as on the connections wa_proxy's event loop makes itself and on the
+// clients' side. Go's default would probe every idle connection after 15 s
+// of silence, between the WhatsApp app's own keepalives (every 20–30 s),
+// and costs four setsockopt calls per connection; the relays' idle timeout
+// ends dead connections, as the official HAProxy config's timeouts do (it
+// has no srvtcpka).
+func tcpDialer() net.Dialer { return net.Dialer{KeepAlive: -1} }
 
 // probe returns a health check: a TCP connection to destination, closed as
 // soon as it is established. The allowlist does not apply: the destination

@@ -242,17 +242,12 @@ func (s *SOCKS5) skipped(buf []uint64) (skip serverSet, tried int) {
 }
 
 // serverDialer is how the dialer reaches its servers: as wa.dialers.direct
-// does, a server given by name resolved through the shared resolve cache
-// (see ResolveCache: not once per connection) and Happy Eyeballs over its
-// addresses. The allowlist does not apply: the servers are the operator's
-// (Tor usually listens on loopback). There is no TCP keep-alive, as on the
-// connections wa_proxy's event loop makes and on the clients' side: Go's
-// default would probe every connection to the server after 15 s of silence,
-// between the WhatsApp app's own keepalives (every 20–30 s), and costs four
-// setsockopt calls per connection; the relay's idle timeout ends dead
-// connections.
+// does (no TCP keep-alive, see tcpDialer), a server given by name resolved
+// through the shared resolve cache (see ResolveCache: not once per
+// connection) and Happy Eyeballs over its addresses. The allowlist does not
+// apply: the servers are the operator's (Tor usually listens on loopback).
 func serverDialer() Direct {
-	return Direct{cacheFor: DefaultResolveCache, resolver: net.DefaultResolver, dialer: net.Dialer{KeepAlive: -1}}
+	return Direct{cacheFor: DefaultResolveCache, resolver: net.DefaultResolver, dialer: tcpDialer()}
 }
 
 // dialServer connects to server and runs the handshake. left is the number of
