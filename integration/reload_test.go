@@ -552,6 +552,11 @@ func TestReloadBadConfigRejected(t *testing.T) {
 			if traffic != nil {
 				t.Fatalf("traffic while the bad config was posted: %v", traffic)
 			}
+			// the rejected config's listener next to the running one is
+			// closed before the answer (the last case binds one)
+			if n, err := testutil.ListeningSockets(listen); err == nil && n != 1 {
+				t.Fatalf("%d sockets listening on %s right after the rejected config's answer, want the running config's 1", n, listen)
+			}
 			if got := configValue(t, c, "/config/"); !jsonEqual(got, running) {
 				t.Fatalf("the running config changed after a rejected one:\n%v\nwant\n%v", got, running)
 			}

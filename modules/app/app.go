@@ -53,6 +53,7 @@ type App struct {
 	GracePeriod caddy.Duration `json:"grace_period,omitempty"`
 
 	logger *zap.Logger
+	ctx    caddy.Context
 }
 
 // CaddyModule returns the Caddy module information.
@@ -85,7 +86,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 	// Caddy never sees again. So the drain is registered once per process
 	// and uses the current app (see current).
 	exitOnce.Do(func() { caddy.OnExit(drainAtExit) })
-	context.AfterFunc(ctx, func() { stopFailedLayer4(ctx) })
+	a.ctx = ctx
+	return nil
+}
+
+// Cleanup runs when a's config is unloaded or fails to start; in the second
+// case it closes the listeners the layer4 app left open (stopFailedLayer4).
+// Caddy calls it synchronously, after cancelling the config's context and
+// before the admin API answers, so no new connection reaches the rejected
+// config after the error is reported.
+func (a *App) Cleanup() error {
+	stopFailedLayer4(a.ctx)
 	return nil
 }
 
@@ -95,8 +106,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 // app that failed; since Caddy's listeners share their port with the running
 // config's (SO_REUSEPORT), the rejected config would go on taking about half
 // of the new connections until the process exits. (Caddy fixed the same
-// flaw in its http app: caddyserver/caddy#7175.) It runs when the config's
-// context ends, whose cause says whether the config failed to start.
+// flaw in its http app: caddyserver/caddy#7175.) It runs in Cleanup, after
+// the config's context ended; the context's cause says whether the config
+// failed to start.
 func stopFailedLayer4(ctx caddy.Context) {
 	cause := context.Cause(ctx)
 	if cause == nil {
@@ -225,7 +237,8 @@ func waitEmpty(ctx context.Context, stop <-chan time.Time) {
 
 // Interface guards
 var (
-	_ caddy.App         = (*App)(nil)
-	_ caddy.Provisioner = (*App)(nil)
-	_ caddy.Validator   = (*App)(nil)
+	_ caddy.App          = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
 )

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -350,5 +351,55 @@ func TestHandlersLoadApp(t *testing.T) {
 	c.Load(t, `{"apps": {"layer4": {}}}`)
 	if a := current.Load(); a == nil || time.Duration(a.GracePeriod) != 2*time.Second {
 		t.Fatalf("after a config without the app, running app %+v, want the last one (2s)", a)
+	}
+}
+
+// TestFailedStartClosesListeners: a config whose layer4 app opens its first
+// listener (next to the running config's, SO_REUSEPORT) and then fails on a
+// taken address leaves no listener behind by the time the load returns;
+// otherwise the rejected config would take some of the new connections. The
+// load runs on one P, so that a close left to another goroutine has not
+// run yet when it returns.
+func TestFailedStartClosesListeners(t *testing.T) {
+	listen := tu.FreeAddr(t)
+	cfg := func(addrs ...string) map[string]any {
+		return map[string]any{
+			"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{"proxy": map[string]any{
+				"listen": addrs,
+				"routes": []any{map[string]any{"handle": []any{map[string]any{
+					"handler": "wa_proxy", "destination": "127.0.0.1:9", "allow": []string{"127.0.0.1"}}}}},
+			}}}},
+			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		}
+	}
+	b, _ := json.Marshal(cfg(listen))
+	c := tu.StartCaddy(t, string(b))
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	failing := cfg(listen, busy.Addr().String())
+	failing["admin"] = map[string]any{"listen": c.Admin, "config": map[string]any{"persist": false}}
+	b, _ = json.Marshal(failing)
+
+	for range 5 {
+		n, err := tu.ListeningSockets(listen)
+		if err != nil {
+			t.Skip(err)
+		}
+		if n != 1 {
+			t.Fatalf("%d sockets listening on %s before the load, want 1", n, listen)
+		}
+		procs := runtime.GOMAXPROCS(1)
+		err = caddy.Load(b, true)
+		n, lerr := tu.ListeningSockets(listen)
+		runtime.GOMAXPROCS(procs)
+		if err == nil || !strings.Contains(err.Error(), "address already in use") {
+			t.Fatalf("load of a config whose second address is taken: %v", err)
+		}
+		if lerr != nil || n != 1 {
+			t.Fatalf("%d sockets listening on %s when the failed load returned (%v), want the running config's 1", n, listen, lerr)
+		}
 	}
 }
