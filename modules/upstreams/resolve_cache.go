@@ -79,12 +79,15 @@ var refreshRetry = 5 * time.Second
 // refresh fails the old answer stays in use (a resolver outage does not
 // stop connections to hosts whose addresses are known), and the next
 // refresh waits refreshRetry. A name not resolved yet is resolved at once;
-// callers asking for it meanwhile share that lookup. maxAge 0 turns the
-// cache off: every call resolves.
+// callers asking for it meanwhile share that lookup, each waiting as long
+// as its own ctx allows. maxAge 0 turns the cache off: every call resolves.
 func (c *resolveCache) lookup(ctx context.Context, r *net.Resolver, network, host string, maxAge time.Duration) ([]netip.Addr, error) {
 	if maxAge <= 0 {
 		return r.LookupNetIP(ctx, network, host)
 	}
+	// Names are case-insensitive (the allowlist matches them so): one
+	// entry and one lookup per name however a client spells it.
+	host = strings.ToLower(host)
 	k := resolveKey{r, network, host}
 	now := time.Now()
 	c.mu.Lock()
@@ -126,12 +129,26 @@ func (c *resolveCache) lookup(ctx context.Context, r *net.Resolver, network, hos
 			return nil, ctx.Err()
 		}
 	}
+	// The lookup is the name's, not this caller's: it runs under its own
+	// deadline (refreshTimeout), so that a caller whose time runs out, or
+	// whose connection ends, does not fail the others waiting for it (a
+	// resolver that answers just after one connect_timeout would otherwise
+	// fail every connection to a new name, one after the other).
 	f := &lookupFlight{done: make(chan struct{})}
 	e.flight = f
 	c.mu.Unlock()
-	addrs, err := r.LookupNetIP(ctx, network, host)
-	c.finish(e, f, addrs, err)
-	return f.addrs, f.err
+	go func() {
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refreshTimeout)
+		defer cancel()
+		addrs, err := r.LookupNetIP(lctx, network, host)
+		c.finish(e, f, addrs, err)
+	}()
+	select {
+	case <-f.done:
+		return f.addrs, f.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // finish records a lookup's outcome in e and hands it to f's waiters.

@@ -363,3 +363,73 @@ func TestResolveCacheBounded(t *testing.T) {
 		t.Fatalf("%d queries for the second round of 5 names, 2 of them kept; want 3", n)
 	}
 }
+
+// TestResolveCacheWaiterNotBoundToLeader: a connection that joins another
+// connection's lookup of a new name does not fail because that other
+// connection's context ended (its shorter connect_timeout, or a cancel):
+// the waiter still has time, and the answer comes within it.
+func TestResolveCacheWaiterNotBoundToLeader(t *testing.T) {
+	dns := startDNS(t, map[string][]netip.Addr{"slowleader.test.": chatAddrs})
+	dns.set(func(s *dnsServer) { s.delay = time.Second })
+	d := cachingDirect(t, dns, time.Minute)
+
+	// the first caller: a connection with little time left
+	leaderCtx, leaderCancel := context.WithTimeout(ctxTODO, 100*time.Millisecond)
+	defer leaderCancel()
+	leaderDone := make(chan error, 1)
+	go func() {
+		_, err := d.Resolve(leaderCtx, "tcp4", "slowleader.test:443")
+		leaderDone <- err
+	}()
+	testutil.WaitFor(t, 5*time.Second, "the first caller's lookup in flight", func() bool {
+		names.mu.Lock()
+		defer names.mu.Unlock()
+		e := names.entries[resolveKey{d.resolver, "ip4", "slowleader.test"}]
+		return e != nil && e.flight != nil
+	})
+
+	// the waiter: plenty of time (the answer comes after 1 s)
+	ctx, cancel := context.WithTimeout(ctxTODO, 5*time.Second)
+	defer cancel()
+	addrs, err := d.Resolve(ctx, "tcp4", "slowleader.test:443")
+	if lerr := <-leaderDone; !errors.Is(lerr, context.DeadlineExceeded) {
+		t.Errorf("the first caller, whose context ended before the answer: %v, want its deadline", lerr)
+	}
+	if err != nil {
+		t.Fatalf("a waiter with 5 s left failed when the first caller's 100 ms ran out: %v", err)
+	}
+	if len(addrs) != 1 || addrs[0].Addr() != chatAddrs[0] {
+		t.Fatalf("addrs %v, want %v", addrs, chatAddrs[:1])
+	}
+	if n := dns.queries.Load(); n != 1 {
+		t.Errorf("%d lookups, want the one both callers shared", n)
+	}
+}
+
+// TestResolveCacheNameCase: names are case-insensitive (the allowlist
+// matches "G.WhatsApp.NET" as g.whatsapp.net), so the cache keeps one entry
+// and makes one lookup per name however clients spell it.
+func TestResolveCacheNameCase(t *testing.T) {
+	addrs := []netip.Addr{netip.MustParseAddr("127.0.0.1")}
+	dns := startDNS(t, map[string][]netip.Addr{
+		"case.test.": addrs, "CASE.test.": addrs, "Case.Test.": addrs,
+	})
+	d := cachingDirect(t, dns, time.Minute)
+	for _, host := range []string{"case.test", "CASE.test", "Case.Test"} {
+		if _, err := d.Resolve(ctxTODO, "tcp4", host+":443"); err != nil {
+			t.Fatalf("%s: %v", host, err)
+		}
+	}
+	if n := dns.queries.Load(); n != 1 {
+		t.Fatalf("%d lookups for one name spelt 3 ways, want 1", n)
+	}
+	var hosts []string
+	for _, n := range Names() {
+		if strings.EqualFold(n.Host, "case.test") {
+			hosts = append(hosts, n.Host)
+		}
+	}
+	if len(hosts) != 1 || hosts[0] != "case.test" {
+		t.Fatalf("names in the cache %q, want one, lower case", hosts)
+	}
+}
