@@ -51,6 +51,11 @@ func NewAllowlist(patterns []string) (*Allowlist, error) {
 			if err != nil {
 				return nil, fmt.Errorf("allow pattern %q: bad CIDR: %v", p, err)
 			}
+			if prefix.Addr().Is4In6() && prefix.Bits() >= 96 {
+				// ::ffff:10.0.0.0/104 is 10.0.0.0/8: addresses are
+				// matched unmapped (see explicitlyAllows)
+				prefix = netip.PrefixFrom(prefix.Addr().Unmap(), prefix.Bits()-96)
+			}
 			a.prefixes = append(a.prefixes, prefix.Masked())
 		case isIP(p):
 			addr, _ := netip.ParseAddr(strings.Trim(p, "[]"))
@@ -150,7 +155,9 @@ var internalRanges = []struct {
 // proxy host itself or the network it sits in rather than the internet, and
 // names the range: "loopback", "link-local" (including the cloud metadata
 // address 169.254.169.254), "private", "shared" (carrier-grade NAT) or
-// "unspecified". IPv4-mapped IPv6 addresses are judged by their IPv4 address.
+// "unspecified". IPv4-mapped IPv6 addresses are judged by their IPv4 address,
+// and so are NAT64 addresses (see nat64Prefixes; their range's name then
+// ends in " (NAT64)").
 func InternalRange(addr netip.Addr) (name string, internal bool) {
 	addr = addr.Unmap().WithZone("")
 	switch {
@@ -170,7 +177,25 @@ func InternalRange(addr netip.Addr) (name string, internal bool) {
 			return r.name, true
 		}
 	}
+	for _, p := range nat64Prefixes {
+		if p.Contains(addr) {
+			b := addr.As16()
+			if name, internal := InternalRange(netip.AddrFrom4([4]byte(b[12:16]))); internal {
+				return name + " (NAT64)", true
+			}
+		}
+	}
 	return "", false
+}
+
+// nat64Prefixes are the NAT64 prefixes: RFC 6052's well-known 64:ff9b::/96
+// and RFC 8215's local-use 64:ff9b:1::/48. On an IPv6-only host behind a
+// NAT64 gateway (DNS64 synthesises such addresses for IPv4-only names), an
+// address under one reaches the IPv4 address in its last 32 bits (the /96
+// form, the one in use), so it is as internal as that address.
+var nat64Prefixes = []netip.Prefix{
+	netip.MustParsePrefix("64:ff9b::/96"),
+	netip.MustParsePrefix("64:ff9b:1::/48"),
 }
 
 // allowlistKey is the context key of WithAllowlist.

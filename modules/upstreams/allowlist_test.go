@@ -93,6 +93,13 @@ func TestInternalRange(t *testing.T) {
 		{"8.8.8.8", ""},
 		{"2001:db8::1", ""},
 		{"157.240.0.53", ""},
+		// NAT64 (RFC 6052, RFC 8215): judged by the IPv4 address embedded
+		{"64:ff9b::a9fe:a9fe", "link-local (NAT64)"}, // 169.254.169.254
+		{"64:ff9b::a00:1", "private (NAT64)"},        // 10.0.0.1
+		{"64:ff9b::7f00:1", "loopback (NAT64)"},      // 127.0.0.1
+		{"64:ff9b:1::a00:1", "private (NAT64)"},      // local-use prefix
+		{"64:ff9b::9df0:35", ""},                     // 157.240.0.53
+		{"64:ff9b:1::9df0:35", ""},
 	} {
 		name, internal := InternalRange(netip.MustParseAddr(tc.addr))
 		if name != tc.want || internal != (tc.want != "") {
@@ -131,6 +138,13 @@ func TestAllowsInternal(t *testing.T) {
 		{"mapped", list("127.0.0.1"), "::ffff:127.0.0.1", true, true},
 		{"default, metadata", list(DefaultAllow...), "169.254.169.254", false, false},
 		{"default, public", list(DefaultAllow...), "157.240.0.53", false, true},
+		{"star, NAT64 metadata", list("*"), "64:ff9b::a9fe:a9fe", false, false},
+		{"star, NAT64 public", list("*"), "64:ff9b::9df0:35", true, true},
+		{"default, NAT64 private", list(DefaultAllow...), "64:ff9b::a00:5", false, false},
+		{"NAT64 prefix allowed", list("64:ff9b::/96"), "64:ff9b::a00:5", true, true},
+		{"mapped CIDR", list("::ffff:10.0.0.0/104"), "10.1.2.3", true, true},
+		{"mapped CIDR, mapped address", list("::ffff:10.0.0.0/104"), "::ffff:10.1.2.3", true, true},
+		{"mapped CIDR elsewhere", list("::ffff:10.0.0.0/104"), "11.0.0.1", false, true},
 	} {
 		if got := tc.list.AllowsIP(ip(tc.addr)); got != tc.literal {
 			t.Errorf("%s: AllowsIP(%s) = %v, want %v", tc.name, tc.addr, got, tc.literal)
