@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -107,7 +108,8 @@ func (a *API) names(w http.ResponseWriter, r *http.Request) error {
 }
 
 // events streams connection events as Server-Sent Events until the client
-// leaves or falls too far behind.
+// leaves or falls too far behind, or the admin server stops (at exit, and
+// when a config change replaces it: clients reconnect, as SSE clients do).
 func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 	if err := onlyGET(r); err != nil {
 		return err
@@ -132,6 +134,7 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 	_ = rc.SetReadDeadline(time.Time{})
 	_ = rc.SetWriteDeadline(time.Time{})
 
+	shutdown := shutdownOf(r)
 	tick := time.NewTicker(keepaliveInterval)
 	defer tick.Stop()
 	for {
@@ -139,6 +142,8 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 		select {
 		case <-r.Context().Done():
 			return nil
+		case <-shutdown:
+			return nil // the admin server is stopping (reload or exit)
 		case <-sub.Dropped():
 			_, _ = fmt.Fprint(w, "event: dropped\ndata: {\"reason\":\"subscriber too slow\"}\n\n")
 			_ = rc.Flush()
@@ -159,6 +164,34 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 			return nil // the client went away: end quietly
 		}
 	}
+}
+
+// shutdowns maps each admin server that has served an event stream to a
+// channel closed when the server begins to shut down.
+var shutdowns sync.Map // *http.Server → chan struct{}
+
+// shutdownOf returns a channel closed when the server serving r begins to
+// shut down (nil, never closed, when r carries no server). Caddy shuts its
+// admin server down (with a 10 s timeout) at exit and whenever a config
+// change replaces it; http.Server.Shutdown waits for active requests and
+// never cancels their contexts, so a stream left open would hold the exit
+// for those 10 s and end it with an unclean-shutdown status. The config's
+// context cannot serve instead: after a rejected config, Caddy keeps the
+// admin server that was provisioned with that config's (cancelled) context.
+func shutdownOf(r *http.Request) <-chan struct{} {
+	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
+	if srv == nil {
+		return nil
+	}
+	ch := make(chan struct{})
+	if v, loaded := shutdowns.LoadOrStore(srv, ch); loaded {
+		return v.(chan struct{})
+	}
+	srv.RegisterOnShutdown(func() {
+		shutdowns.Delete(srv)
+		close(ch)
+	})
+	return ch
 }
 
 // Interface guards

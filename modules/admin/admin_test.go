@@ -1,8 +1,11 @@
 package admin
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -211,5 +214,49 @@ func TestNamesUnreachable(t *testing.T) {
 	upstreams.NoteConnected(ap)
 	if got := get(); !strings.Contains(got, `"unreachable":[]`) {
 		t.Fatalf("after a connect succeeded: %s", got)
+	}
+}
+
+// TestEventStreamEndsAtShutdown: an open event stream does not hold the
+// admin server's shutdown (Caddy's, at exit and when a config change
+// replaces the server, waits 10 s and then reports an unclean exit): the
+// stream ends when the shutdown begins, and the client sees its end.
+func TestEventStreamEndsAtShutdown(t *testing.T) {
+	a := new(API)
+	mux := http.NewServeMux()
+	for _, rt := range a.Routes() {
+		mux.Handle(rt.Pattern, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_ = rt.Handler.ServeHTTP(w, r)
+		}))
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+
+	streams := make([]*http.Response, 2) // two streams share the server's shutdown signal
+	for i := range streams {
+		resp, err := http.Get("http://" + ln.Addr().String() + "/waproxy/events")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if line, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil || line != ": waproxy events\n" {
+			t.Fatalf("stream %d opened with %q, %v", i, line, err)
+		}
+		streams[i] = resp
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatalf("the admin server's shutdown with open event streams: %v", err)
+	}
+	for i, resp := range streams {
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			t.Errorf("stream %d ended with %v, want its clean end", i, err)
+		}
 	}
 }
