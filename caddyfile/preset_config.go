@@ -155,19 +155,17 @@ func (p *Preset) limit() object {
 }
 
 // tlsPolicy is the connection policy of TLS termination: the preset's
-// certificate for every name. With a website, it offers HTTP/1.1 only in
-// ALPN (Caddy's default is h2 then http/1.1): the website route recognises
-// an HTTP/1.x request inside the TLS, and a browser that got h2 would send
-// the HTTP/2 preface instead, which no route takes for HTTP.
+// certificate for every name, and HTTP/1.1 only in ALPN (Caddy's default is
+// h2 then http/1.1). The routes inside the TLS recognise an HTTP/1.x request
+// (for the website, or wa_http's page and proxy); a browser that got h2
+// would send the HTTP/2 preface instead, which no route takes for HTTP, so
+// it would go raw to WhatsApp's chat port. WhatsApp's chat offers no ALPN.
 func (p *Preset) tlsPolicy() object {
-	pol := object{
+	return object{
 		"default_sni":  p.Hostname,
 		"fallback_sni": p.Hostname,
+		"alpn":         []string{"http/1.1"},
 	}
-	if p.Website != "" {
-		pol["alpn"] = []string{"http/1.1"}
-	}
-	return pol
 }
 
 // httpHandler handles a connection that starts with an HTTP request (in the
