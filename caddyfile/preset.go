@@ -266,8 +266,15 @@ func checkListen(s string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if addr.IsUnixNetwork() || addr.IsFdNetwork() {
+	switch addr.Network {
+	case "tcp", "tcp4", "tcp6":
+	case "unix", "fd":
 		return s, nil
+	default:
+		// udp, unixgram, unixpacket, fdgram: the routes are for
+		// streams, and over datagrams anyone could make the proxy
+		// answer (or dial) for a forged source address
+		return "", fmt.Errorf("address '%s': network '%s' is not a stream network (want tcp, tcp4, tcp6, unix or fd)", s, addr.Network)
 	}
 	if addr.StartPort == 0 {
 		return "", fmt.Errorf("address '%s' has no port (or port 0)", s)
