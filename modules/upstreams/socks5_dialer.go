@@ -410,7 +410,16 @@ func (s *SOCKS5) String() string {
 // expanded at provision.
 func (s *SOCKS5) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the dialer name
-	s.Servers = append(s.Servers, d.RemainingArgs()...)
+	for d.NextArg() {
+		// an address with a placeholder is checked once expanded, in
+		// Provision; the others here, where the error can name the line
+		if server := d.Val(); !strings.Contains(server, "{") {
+			if err := checkHostPort(server); err != nil {
+				return d.Errf("socks5: server %q: %v", server, err)
+			}
+		}
+		s.Servers = append(s.Servers, d.Val())
+	}
 	if len(s.Servers) == 0 {
 		return d.Errf("socks5: at least one server address (host:port) is required")
 	}
