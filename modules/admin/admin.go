@@ -114,6 +114,9 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 	if err := onlyGET(r); err != nil {
 		return err
 	}
+	// before the first byte: a client that has read the stream's opening
+	// line knows that a shutdown from then on ends the stream
+	shutdown := shutdownOf(r)
 	rc := http.NewResponseController(w)
 	sub := registry.Subscribe(EventBuffer)
 	defer sub.Unsubscribe()
@@ -134,7 +137,6 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 	_ = rc.SetReadDeadline(time.Time{})
 	_ = rc.SetWriteDeadline(time.Time{})
 
-	shutdown := shutdownOf(r)
 	tick := time.NewTicker(keepaliveInterval)
 	defer tick.Stop()
 	for {
@@ -178,6 +180,8 @@ var shutdowns sync.Map // *http.Server → chan struct{}
 // for those 10 s and end it with an unclean-shutdown status. The config's
 // context cannot serve instead: after a rejected config, Caddy keeps the
 // admin server that was provisioned with that config's (cancelled) context.
+// A stream whose request arrives while the shutdown is beginning, before it
+// registers, is left to the shutdown's timeout, as before.
 func shutdownOf(r *http.Request) <-chan struct{} {
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	if srv == nil {
