@@ -68,7 +68,7 @@ func (h *HandleHTTP) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	release := func() {
 		metrics.ConnectionsActive.Dec()
 		metrics.ProtocolGauge(protocol).Dec()
-		registry.Close(c.rc, nil)
+		registry.Close(c.rc, c.relayErr) // how a tunnel the goroutine relay carried ended; nil otherwise
 	}
 	c.repl, _ = cx.Context.Value(layer4.ReplacerCtxKey).(*caddy.Replacer)
 	if c.repl == nil {
@@ -111,6 +111,7 @@ func (c *httpConn) lingerClose() {
 	for total := 0; total < lingerMaxBytes; {
 		n, err := c.cx.Read(*bp)
 		total += n
+		metrics.BytesReceived.Add(float64(n)) // read from the client, as every byte before
 		if err != nil {
 			return
 		}
@@ -393,7 +394,8 @@ func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
 	var body *requestBody
 	if !requestDone(req) {
 		body = &requestBody{r: req.Body, c: c, closed: make(chan struct{}),
-			expect: strings.EqualFold(req.Header.Get("Expect"), "100-continue")}
+			// no 1xx to an HTTP/1.0 client (RFC 9110 §15.2)
+			expect: req.ProtoAtLeast(1, 1) && strings.EqualFold(req.Header.Get("Expect"), "100-continue")}
 		out.Body = body
 		c.pending = body
 	}

@@ -1,0 +1,173 @@
+package handlers
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+
+	"github.com/waproxy/caddy-waproxy/modules/metrics"
+	"github.com/waproxy/caddy-waproxy/modules/registry"
+)
+
+// serveHTTP provisions a wa_http handler from config and serves it on a
+// loopback listener, closing each connection when Handle returns, as
+// caddy-l4 does. It returns the listener's address.
+func serveHTTP(t *testing.T, config string) string {
+	t.Helper()
+	h, err := provisionHTTP(t, config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startServer(t, func(c net.Conn) {
+		_ = h.Handle(layer4.WrapConnection(c, nil, zap.NewNop()), nil)
+	})
+}
+
+// startServer accepts connections on a loopback listener and runs serve on
+// each, closing it after.
+func startServer(t *testing.T, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); serve(c) }()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// dialClient connects to addr, with a deadline that bounds the test.
+func dialClient(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	return c, bufio.NewReader(c)
+}
+
+// TestTunnelEndReported: a CONNECT tunnel that ends on idle_timeout reports
+// how it ended to the registry (an error event, and the closed event's
+// error) with every relay, as wa_proxy's connections do.
+func TestTunnelEndReported(t *testing.T) {
+	for _, mode := range []string{"", "goroutine"} {
+		t.Run("relay="+mode, func(t *testing.T) {
+			saved := relayMode
+			relayMode = mode
+			defer func() { relayMode = saved }()
+			echo := startServer(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
+			addr := serveHTTP(t, `{"allow":["127.0.0.1"],"idle_timeout":"300ms"}`)
+			sub := registry.Subscribe(64)
+			defer sub.Unsubscribe()
+			conn, br := dialClient(t, addr)
+			local := conn.LocalAddr().String()
+			if _, err := io.WriteString(conn, "CONNECT "+echo+" HTTP/1.1\r\n\r\n"); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+			if err != nil || resp.StatusCode != http.StatusOK {
+				t.Fatalf("CONNECT: %v %v", resp, err)
+			}
+			_, _ = io.ReadAll(br) // the idle timeout ends the tunnel
+			var sawError bool
+			deadline := time.After(10 * time.Second)
+			for {
+				select {
+				case ev := <-sub.Events():
+					if ev.Connection.Remote != local {
+						continue
+					}
+					if ev.Type == registry.EventError {
+						sawError = true
+					}
+					if ev.Type == registry.EventClosed {
+						if !sawError || !strings.Contains(ev.Error, "idle") {
+							t.Fatalf("closed event with error %q (an error event before it: %v); want the idle timeout", ev.Error, sawError)
+						}
+						return
+					}
+				case <-deadline:
+					t.Fatal("no closed event")
+				}
+			}
+		})
+	}
+}
+
+// TestNo100ForHTTP10: an HTTP/1.0 client that sends Expect: 100-continue
+// gets no 100 (RFC 9110 §15.2: a server must not send a 1xx to HTTP/1.0),
+// only the final response.
+func TestNo100ForHTTP10(t *testing.T) {
+	origin := startServer(t, func(c net.Conn) {
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, req.Body)
+		_, _ = io.WriteString(c, "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	addr := serveHTTP(t, `{"allow":["127.0.0.1"]}`)
+	conn, br := dialClient(t, addr)
+	if _, err := io.WriteString(conn, "POST http://"+origin+"/ HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"); err != nil {
+		t.Fatal(err)
+	}
+	line, err := br.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(line, " 200 ") {
+		t.Fatalf("an HTTP/1.0 client got %q first, want the 200", line)
+	}
+}
+
+// TestLingerBytesCounted: the bytes read from a client while its
+// connection lingers (a request refused before its body was read) count in
+// bytes_received_total, with every other byte read from clients.
+func TestLingerBytesCounted(t *testing.T) {
+	addr := serveHTTP(t, `{}`)
+	before := testutil.ToFloat64(metrics.BytesReceived)
+	conn, br := dialClient(t, addr)
+	body := strings.Repeat("x", 100_000)
+	req := "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
+	if _, err := io.WriteString(conn, req); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.(*net.TCPConn).CloseWrite()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusMethodNotAllowed || !resp.Close {
+		t.Fatalf("status %d, close %v; want 405 and a close", resp.StatusCode, resp.Close)
+	}
+	_, _ = io.ReadAll(br)
+	// the client sees the end when the linger begins: wait for it to read
+	// the rest
+	var got float64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if got = testutil.ToFloat64(metrics.BytesReceived) - before; got == float64(len(req)) {
+			return
+		}
+	}
+	t.Fatalf("bytes_received_total grew by %v, the client sent %d", got, len(req))
+}
