@@ -257,8 +257,12 @@ func destination(req *http.Request) (dest string, status int, reason string) {
 		if req.URL.Host == "" || req.URL.Path != "" {
 			return "", http.StatusBadRequest, "CONNECT needs a host:port target"
 		}
-		if _, _, err := splitDestination(req.URL.Host); err != nil {
+		host, _, err := splitDestination(req.URL.Host)
+		if err != nil {
 			return "", http.StatusBadRequest, "CONNECT needs a host:port target"
+		}
+		if reason := checkTargetHost(host); reason != "" {
+			return "", http.StatusBadRequest, reason
 		}
 		return req.URL.Host, 0, ""
 	}
@@ -281,7 +285,41 @@ func destination(req *http.Request) (dest string, status int, reason string) {
 	if _, _, err := splitDestination(dest); err != nil {
 		return "", http.StatusBadRequest, "bad host or port in the request target"
 	}
+	if reason := checkTargetHost(req.URL.Hostname()); reason != "" {
+		return "", http.StatusBadRequest, reason
+	}
 	return dest, 0, ""
+}
+
+// checkTargetHost returns why host, a request's target host, cannot be
+// dialled as written, or "". It must be an IP address without a zone, or
+// an ASCII host name (at most 253 bytes, labels of 1–63 letters, digits,
+// `-` or `_`, one trailing dot allowed). What is checked against the
+// allowlist is then what is dialled: Go's HTTP transport would turn a
+// Unicode name into another one (full-width digits into an IP address, for
+// one), and a SOCKS5 request cannot carry a name over 255 bytes.
+func checkTargetHost(host string) string {
+	if addr, err := netip.ParseAddr(host); err == nil {
+		if addr.Zone() != "" {
+			return "the target's IPv6 address has a zone"
+		}
+		return ""
+	}
+	name := strings.TrimSuffix(host, ".")
+	if name == "" || len(name) > 253 {
+		return "the target's host name is empty or longer than 253 bytes"
+	}
+	for label := range strings.SplitSeq(name, ".") {
+		if label == "" || len(label) > 63 {
+			return "the target's host name has an empty label or one longer than 63 bytes"
+		}
+		for i := range len(label) {
+			if b := label[i]; !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-' || b == '_') {
+				return "the target's host name is not an ASCII host name (write an international name in its xn-- form)"
+			}
+		}
+	}
+	return ""
 }
 
 // authorized reports whether req carries the configured Basic credentials.

@@ -100,6 +100,16 @@ func TestDestination(t *testing.T) {
 		{"OPTIONS * HTTP/1.1", "", "the target must be an absolute URL"},
 		{"GET ftp://example.com/ HTTP/1.1", "", `unsupported URL scheme "ftp"`},
 		{"GET http://example.com:99999/ HTTP/1.1", "", "bad host or port"},
+		{"GET http://g.whatsapp.net./ HTTP/1.1", "g.whatsapp.net.:80", ""},
+		{"GET http://_srv.example.com/ HTTP/1.1", "_srv.example.com:80", ""},
+		// Go's transport would dial full-width digits as 127.0.0.1
+		{"GET http://\uff11\uff12\uff17.0.0.1:2019/ HTTP/1.1", "", "not an ASCII host name"},
+		{"CONNECT b\u00fccher.example:443 HTTP/1.1", "", "not an ASCII host name"},
+		{"GET http://xn--bcher-kva.example/ HTTP/1.1", "xn--bcher-kva.example:80", ""},
+		{"CONNECT [fe80::1%25eth0]:443 HTTP/1.1", "", "zone"},
+		{"CONNECT " + strings.Repeat("a", 64) + ".whatsapp.net:443 HTTP/1.1", "", "longer than 63"},
+		{"CONNECT " + strings.Repeat("abcdefgh.", 29) + "whatsapp.net:443 HTTP/1.1", "", "longer than 253"},
+		{"CONNECT a..whatsapp.net:443 HTTP/1.1", "", "empty label"},
 	} {
 		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(c.request + "\r\nHost: h\r\n\r\n")))
 		if err != nil {
