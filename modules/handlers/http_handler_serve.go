@@ -203,7 +203,7 @@ func (c *httpConn) handle(req *http.Request) (keep, offloaded bool) {
 		if req.Header.Get("Proxy-Authorization") != "" {
 			reason = "wrong proxy credentials"
 		}
-		keep := canContinue(req)
+		keep := c.keepAfterRefusal(req)
 		c.reply(req, http.StatusProxyAuthRequired, reason, !keep, http.Header{"Proxy-Authenticate": {proxyAuthenticate}})
 		metrics.CountError(kind)
 		c.h.logger.Warn("refuse request without valid proxy credentials",
@@ -228,7 +228,7 @@ func (c *httpConn) handle(req *http.Request) (keep, offloaded bool) {
 				reason = "destination " + host + " is " + article(rng) + " " + rng + " address, which this proxy does not reach"
 			}
 		}
-		keep := canContinue(req)
+		keep := c.keepAfterRefusal(req)
 		c.reply(req, http.StatusForbidden, reason, !keep, nil)
 		metrics.CountError(metrics.KindNotAllowed)
 		c.h.logger.Warn("refuse destination outside the allowlist",
@@ -349,6 +349,19 @@ func requestDone(req *http.Request) bool { return req.Body == nil || req.Body ==
 // has answered it without reading its body: there is no body, and the
 // client did not ask to close (an HTTP/1.0 client without keep-alive asks).
 func canContinue(req *http.Request) bool { return requestDone(req) && !req.Close }
+
+// keepAfterRefusal reports whether the connection may serve another request
+// after req was refused (403, 407). A refused CONNECT is closed when bytes
+// already follow its head: clients may send their first tunnelled bytes (a
+// TLS ClientHello) before the answer, and those are not a next request.
+// With nothing after it, the connection stays, so that a client can retry
+// a 407 with credentials on it, as curl does.
+func (c *httpConn) keepAfterRefusal(req *http.Request) bool {
+	if !canContinue(req) {
+		return false
+	}
+	return req.Method != http.MethodConnect || (c.br.Buffered() == 0 && len(c.cx.MatchingBytes()) == 0)
+}
 
 // ---- origin-form requests ----
 

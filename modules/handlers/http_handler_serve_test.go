@@ -171,3 +171,58 @@ func TestLingerBytesCounted(t *testing.T) {
 	}
 	t.Fatalf("bytes_received_total grew by %v, the client sent %d", got, len(req))
 }
+
+// TestRefusedConnectEarlyData: a CONNECT that is refused, from a client
+// that sent its ClientHello right after the request head, gets its 403 and
+// the connection's end; the ClientHello is not read as another request (no
+// 400, nothing more counted). A refused CONNECT with nothing after it keeps
+// the connection for the next request.
+func TestRefusedConnectEarlyData(t *testing.T) {
+	addr := serveHTTP(t, `{}`)
+	kinds := []string{metrics.KindNotAllowed, metrics.KindHTTPRequest}
+	count := func() map[string]float64 {
+		m := map[string]float64{}
+		for _, k := range kinds {
+			m[k] = testutil.ToFloat64(metrics.Errors.WithLabelValues(k))
+		}
+		return m
+	}
+	before := count()
+	conn, br := dialClient(t, addr)
+	clientHello := "\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + string(make([]byte, 40)) + "\n" + string(make([]byte, 119))
+	if _, err := io.WriteString(conn, "CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n"+clientHello); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusForbidden || !resp.Close {
+		t.Fatalf("status %d, close %v; want 403 and the connection's end", resp.StatusCode, resp.Close)
+	}
+	if rest, _ := io.ReadAll(br); len(rest) > 0 {
+		t.Errorf("after the 403, the proxy answered the ClientHello: %q", rest)
+	}
+	after := count()
+	if after[metrics.KindNotAllowed]-before[metrics.KindNotAllowed] != 1 || after[metrics.KindHTTPRequest] != before[metrics.KindHTTPRequest] {
+		t.Errorf("errors_total grew by %v not_allowed, %v http_request; want 1 and 0",
+			after[metrics.KindNotAllowed]-before[metrics.KindNotAllowed], after[metrics.KindHTTPRequest]-before[metrics.KindHTTPRequest])
+	}
+
+	// nothing after the head: the connection serves the next request
+	conn, br = dialClient(t, addr)
+	for i := range 2 {
+		if _, err := io.WriteString(conn, "CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatalf("request %d on one connection: %v", i, err)
+		}
+		_, _ = io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusForbidden || resp.Close {
+			t.Fatalf("request %d: status %d, close %v; want 403 keeping the connection", i, resp.StatusCode, resp.Close)
+		}
+	}
+}
