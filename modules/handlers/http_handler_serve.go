@@ -562,10 +562,19 @@ func upstreamFailure(err error) (status int, kind string) {
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
+		if strings.Contains(err.Error(), tlsHandshakeTimeout) {
+			// part of connecting (TLSHandshakeTimeout is connect_timeout)
+			return http.StatusGatewayTimeout, metrics.KindTimeout
+		}
 		return http.StatusGatewayTimeout, metrics.KindResponseTimeout
 	}
 	return http.StatusBadGateway, metrics.KindUpstream
 }
+
+// tlsHandshakeTimeout is the text of net/http's error for a TLS handshake
+// with an https:// destination that took longer than TLSHandshakeTimeout
+// (its type is not exported).
+const tlsHandshakeTimeout = "TLS handshake timeout"
 
 // bodyAllowed reports whether a response with status may have a body.
 func bodyAllowed(status int) bool {

@@ -226,3 +226,37 @@ func TestRefusedConnectEarlyData(t *testing.T) {
 		}
 	}
 }
+
+// TestTLSHandshakeTimeoutKind: an https:// destination that accepts the
+// connection but never answers the TLS handshake is a connect that took
+// longer than connect_timeout: 504, counted as kind timeout (not
+// response_timeout, which is for a response header that is late).
+func TestTLSHandshakeTimeoutKind(t *testing.T) {
+	silent := startServer(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
+	addr := serveHTTP(t, `{"allow":["127.0.0.1"],"connect_timeout":"300ms","response_timeout":"30s"}`)
+	timeout := metrics.Errors.WithLabelValues(metrics.KindTimeout)
+	respTimeout := metrics.Errors.WithLabelValues(metrics.KindResponseTimeout)
+	beforeT, beforeR := testutil.ToFloat64(timeout), testutil.ToFloat64(respTimeout)
+	conn, br := dialClient(t, addr)
+	if _, err := io.WriteString(conn, "GET https://"+silent+"/ HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Fatalf("status %d %q, want 504", resp.StatusCode, body)
+	}
+	// the error is counted after the answer is written
+	var dt, dr float64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if dt, dr = testutil.ToFloat64(timeout)-beforeT, testutil.ToFloat64(respTimeout)-beforeR; dt+dr > 0 {
+			break
+		}
+	}
+	if dt != 1 || dr != 0 {
+		t.Fatalf("errors_total: timeout +%v, response_timeout +%v; want timeout +1", dt, dr)
+	}
+}
