@@ -473,6 +473,11 @@ func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
 		c.h.Headers.Response.ApplyTo(resp.Header, c.repl)
 	}
 	keep = req.ProtoAtLeast(1, 1) && !req.Close
+	body.headStarted()
+	if keep && !body.readableToEnd() {
+		// the head says so: the client must not send another request
+		keep = false
+	}
 	resp.ProtoMajor, resp.ProtoMinor = 1, 1
 	if !req.ProtoAtLeast(1, 1) {
 		resp.ProtoMinor = 0
@@ -491,7 +496,6 @@ func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
 	relayed := &responseBody{r: resp.Body, w: c.bw}
 	resp.Body = relayed
 
-	body.headStarted()
 	err = resp.Write(writerOnly{c.bw})
 	if err == nil {
 		err = c.bw.Flush()
@@ -508,13 +512,19 @@ func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
 		c.h.logger.Warn("relay response", fields(zap.Int("status", resp.StatusCode), zap.Error(err))...)
 		return false
 	}
-	if body != nil {
+	if body != nil && keep {
 		// the transport may still be sending the request body: wait until it
-		// is done with the connection's reader
+		// is done with the connection's reader (when the connection closes
+		// instead, lingerClose waits for that)
 		select {
 		case <-body.closed:
+			if !body.finished() {
+				body.discardRest() // the head promised the connection
+			}
 		case <-time.After(c.idle):
 		}
+	}
+	if body != nil {
 		if !body.finished() {
 			keep = false
 		} else {
@@ -652,6 +662,45 @@ func (b *requestBody) clientErr() error {
 
 // finished reports whether the body was read to its end.
 func (b *requestBody) finished() bool { return b.eof.Load() }
+
+// maxBodyDiscard is how much of a request body the destination did not take
+// the proxy reads and discards to keep the client's connection (as Go's
+// HTTP server does after a handler).
+const maxBodyDiscard = 256 << 10
+
+// readableToEnd reports, as the response head is about to be written (after
+// headStarted), whether the request body can still be read to its end, so
+// that the connection may serve another request. It may be called on a nil
+// body. Not when the client expected a 100 Continue that was never sent (it
+// may send the body later, or never: what follows is unknown); not when the
+// transport is done with a body it did not finish and more than
+// maxBodyDiscard of it is left (the rest is read and discarded here).
+// While the transport still sends the body, it may yet finish.
+func (b *requestBody) readableToEnd() bool {
+	if b == nil || b.finished() {
+		return true
+	}
+	b.mu.Lock()
+	noContinue := b.expect && !b.continued
+	b.mu.Unlock()
+	if noContinue {
+		return false
+	}
+	select {
+	case <-b.closed:
+		return b.discardRest()
+	default:
+		return true
+	}
+}
+
+// discardRest reads and discards up to maxBodyDiscard of what is left of
+// the body, once the transport is done with it, and reports whether that
+// was its end.
+func (b *requestBody) discardRest() bool {
+	_, _ = io.CopyN(io.Discard, b, maxBodyDiscard)
+	return b.finished()
+}
 
 // responseBody is a response body relayed to the client. Before each read
 // from the destination it flushes what the client has not been sent yet, so

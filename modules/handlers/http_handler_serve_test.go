@@ -260,3 +260,76 @@ func TestTLSHandshakeTimeoutKind(t *testing.T) {
 		t.Fatalf("errors_total: timeout +%v, response_timeout +%v; want timeout +1", dt, dr)
 	}
 }
+
+// TestEarlyResponseKeepAlive: when the destination answers before it read
+// the request body, the response head tells the truth about the
+// connection. A client that expected 100 Continue and never got it is told
+// the connection closes (it may still send the body, or not: what follows is
+// unknown). A client that sent its body at once keeps its connection for the
+// next request (the body went out with the head, into the destination's
+// socket; a body the transport gives up on halfway is read to its end by
+// the proxy, up to maxBodyDiscard, which this test cannot force).
+func TestEarlyResponseKeepAlive(t *testing.T) {
+	origin := startServer(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			if req.URL.Path == "/upload" {
+				// refused at once, without reading the body
+				_, _ = io.WriteString(c, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+				return
+			}
+			_, _ = io.Copy(io.Discard, req.Body)
+			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	addr := serveHTTP(t, `{"allow":["127.0.0.1"]}`)
+	body := strings.Repeat("x", 1000)
+	for _, expect := range []bool{true, false} {
+		t.Run("expect="+strconv.FormatBool(expect), func(t *testing.T) {
+			conn, br := dialClient(t, addr)
+			head := "POST http://" + origin + "/upload HTTP/1.1\r\nHost: " + origin + "\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n"
+			if expect {
+				head += "Expect: 100-continue\r\n"
+			}
+			msg := head + "\r\n"
+			if !expect {
+				msg += body
+			}
+			if _, err := io.WriteString(conn, msg); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodPost})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _ = io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("status %d, want the destination's 401", resp.StatusCode)
+			}
+			if expect {
+				if !resp.Close {
+					t.Fatal("a 401 to a request whose body never went keeps the connection: what the client sends next is unknown")
+				}
+				return
+			}
+			if resp.Close {
+				t.Fatal("the proxy closes a connection whose body it could read")
+			}
+			if _, err := io.WriteString(conn, "GET http://"+origin+"/next HTTP/1.1\r\nHost: "+origin+"\r\n\r\n"); err != nil {
+				t.Fatal(err)
+			}
+			resp, err = http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("the next request on the connection the 401 kept: %v", err)
+			}
+			_, _ = io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("the next request: status %d", resp.StatusCode)
+			}
+		})
+	}
+}
