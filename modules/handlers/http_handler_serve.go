@@ -532,6 +532,9 @@ func (c *httpConn) forward(req *http.Request, dest string) (keep bool) {
 		}
 	}
 	c.h.logger.Debug("forward request", fields(zap.Int("status", resp.StatusCode), zap.Duration("duration", time.Since(start)))...)
+	// a connection that ends after a forwarded response lingers, as after
+	// the proxy's own answers: unread client bytes would reset it
+	c.linger = c.linger || !keep
 	return keep
 }
 

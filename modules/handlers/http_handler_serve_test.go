@@ -268,7 +268,9 @@ func TestTLSHandshakeTimeoutKind(t *testing.T) {
 // unknown). A client that sent its body at once keeps its connection for the
 // next request (the body went out with the head, into the destination's
 // socket; a body the transport gives up on halfway is read to its end by
-// the proxy, up to maxBodyDiscard, which this test cannot force).
+// the proxy, up to maxBodyDiscard, which this test cannot force). A client
+// that expected 100 Continue but sent its body at once gets the same
+// closing 401.
 func TestEarlyResponseKeepAlive(t *testing.T) {
 	origin := startServer(t, func(c net.Conn) {
 		br := bufio.NewReader(c)
@@ -288,15 +290,19 @@ func TestEarlyResponseKeepAlive(t *testing.T) {
 	})
 	addr := serveHTTP(t, `{"allow":["127.0.0.1"]}`)
 	body := strings.Repeat("x", 1000)
-	for _, expect := range []bool{true, false} {
-		t.Run("expect="+strconv.FormatBool(expect), func(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		expect, hasty bool // Expect: 100-continue; the body sent at once all the same
+	}{{"expect", true, false}, {"expect_hasty", true, true}, {"no_expect", false, true}} {
+		expect := tc.expect
+		t.Run(tc.name, func(t *testing.T) {
 			conn, br := dialClient(t, addr)
 			head := "POST http://" + origin + "/upload HTTP/1.1\r\nHost: " + origin + "\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n"
 			if expect {
 				head += "Expect: 100-continue\r\n"
 			}
 			msg := head + "\r\n"
-			if !expect {
+			if tc.hasty {
 				msg += body
 			}
 			if _, err := io.WriteString(conn, msg); err != nil {
@@ -304,7 +310,7 @@ func TestEarlyResponseKeepAlive(t *testing.T) {
 			}
 			resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodPost})
 			if err != nil {
-				t.Fatal(err)
+				t.Fatal(err) // a close with the body unread would reset the connection under the 401
 			}
 			_, _ = io.ReadAll(resp.Body)
 			if resp.StatusCode != http.StatusUnauthorized {
