@@ -24,6 +24,7 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
+	"github.com/waproxy/caddy-waproxy/internal/hostname"
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 	"github.com/waproxy/caddy-waproxy/modules/registry"
 	"github.com/waproxy/caddy-waproxy/modules/upstreams"
@@ -293,11 +294,11 @@ func destination(req *http.Request) (dest string, status int, reason string) {
 
 // checkTargetHost returns why host, a request's target host, cannot be
 // dialled as written, or "". It must be an IP address without a zone, or
-// an ASCII host name (at most 253 bytes, labels of 1–63 letters, digits,
-// `-` or `_`, one trailing dot allowed). What is checked against the
-// allowlist is then what is dialled: Go's HTTP transport would turn a
-// Unicode name into another one (full-width digits into an IP address, for
-// one), and a SOCKS5 request cannot carry a name over 255 bytes.
+// a host name (hostname.Check; one trailing dot allowed). What is checked
+// against the allowlist is then what is dialled: Go's HTTP transport would
+// turn a Unicode name into another one (full-width digits into an IP
+// address, for one), and a SOCKS5 request cannot carry a name over 255
+// bytes.
 func checkTargetHost(host string) string {
 	if addr, err := netip.ParseAddr(host); err == nil {
 		if addr.Zone() != "" {
@@ -305,21 +306,14 @@ func checkTargetHost(host string) string {
 		}
 		return ""
 	}
-	name := strings.TrimSuffix(host, ".")
-	if name == "" || len(name) > 253 {
-		return "the target's host name is empty or longer than 253 bytes"
+	switch why := hostname.Check(strings.TrimSuffix(host, ".")); why {
+	case "":
+		return ""
+	case hostname.NotASCII:
+		return "the target's host name " + why + " (write an international name in its xn-- form)"
+	default:
+		return "the target's host name " + why
 	}
-	for label := range strings.SplitSeq(name, ".") {
-		if label == "" || len(label) > 63 {
-			return "the target's host name has an empty label or one longer than 63 bytes"
-		}
-		for i := range len(label) {
-			if b := label[i]; !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-' || b == '_') {
-				return "the target's host name is not an ASCII host name (write an international name in its xn-- form)"
-			}
-		}
-	}
-	return ""
 }
 
 // authorized reports whether req carries the configured Basic credentials.

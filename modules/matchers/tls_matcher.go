@@ -10,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
 
+	"github.com/waproxy/caddy-waproxy/internal/hostname"
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 )
 
@@ -19,17 +20,15 @@ func init() {
 
 // Wire constants and limits of the wa_tls classifier.
 const (
-	tlsRecordHeaderLen       = 5
-	tlsRecordTypeHandshake   = 0x16
-	tlsHandshakeHeaderLen    = 4
-	tlsHandshakeClientHello  = 0x01
-	tlsMaxMinorVersion       = 0x04    // 3.4 is TLS 1.3; 3.0 is SSL 3.0
-	tlsMaxRecordLen          = 1 << 14 // RFC 8446 §5.1: a plaintext fragment is at most 2^14 bytes
-	tlsExtServerName         = 0
-	tlsExtALPN               = 16
-	tlsServerNameTypeHost    = 0
-	tlsMaxServerNameLen      = 253
-	tlsMaxServerNameLabelLen = 63
+	tlsRecordHeaderLen      = 5
+	tlsRecordTypeHandshake  = 0x16
+	tlsHandshakeHeaderLen   = 4
+	tlsHandshakeClientHello = 0x01
+	tlsMaxMinorVersion      = 0x04    // 3.4 is TLS 1.3; 3.0 is SSL 3.0
+	tlsMaxRecordLen         = 1 << 14 // RFC 8446 §5.1: a plaintext fragment is at most 2^14 bytes
+	tlsExtServerName        = 0
+	tlsExtALPN              = 16
+	tlsServerNameTypeHost   = 0
 	// tlsMaxHelloBytes is how far into a connection the classifier looks:
 	// caddy-l4's matching buffer. A ClientHello whose records do not end
 	// within it is not matched (the router could not buffer more anyway).
@@ -122,15 +121,15 @@ func checkSNIPattern(p string) error {
 	if p == "*" {
 		return fmt.Errorf("wa_tls: sni pattern '*': leave out sni to match any server name")
 	}
-	if p == "" || len(p) > tlsMaxServerNameLen {
+	if p == "" || len(p) > hostname.MaxLen {
 		return fmt.Errorf("wa_tls: sni pattern '%s': not a host name", p)
 	}
 	for label := range strings.SplitSeq(p, ".") {
-		if label == "" || len(label) > tlsMaxServerNameLabelLen {
+		if label == "" || len(label) > hostname.MaxLabelLen {
 			return fmt.Errorf("wa_tls: sni pattern '%s': empty or overlong label", p)
 		}
 		for i := 0; i < len(label); i++ {
-			if c := label[i]; c != '*' && !isHostNameByte(c) {
+			if c := label[i]; c != '*' && !hostname.IsByte(c) {
 				return fmt.Errorf("wa_tls: sni pattern '%s': invalid character %q", p, c)
 			}
 		}
@@ -308,12 +307,6 @@ func toLowerASCII(c byte) byte {
 		return c + 'a' - 'A'
 	}
 	return c
-}
-
-// isHostNameByte reports whether c may appear in a host name label: letters,
-// digits, `-` and `_` (used by some service names).
-func isHostNameByte(c byte) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_'
 }
 
 // clientHelloInfo is what the classifier extracts from a ClientHello. The slices
@@ -537,7 +530,7 @@ func parseServerName(data []byte, h *clientHelloInfo) bool {
 		if typ != tlsServerNameTypeHost {
 			continue
 		}
-		if h.serverName != nil || !isHostName(name) {
+		if h.serverName != nil || hostname.Check(name) != "" {
 			return false
 		}
 		h.serverName = name
@@ -561,33 +554,6 @@ func parseALPN(data []byte, h *clientHelloInfo) bool {
 	}
 	h.alpn, h.hasALPN = list, true
 	return true
-}
-
-// isHostName reports whether name is a DNS host name as SNI carries it:
-// at most 253 bytes, dot-separated labels of 1–63 letters, digits, `-` or
-// `_`, no trailing dot (RFC 6066 §3).
-func isHostName(name []byte) bool {
-	if len(name) == 0 || len(name) > tlsMaxServerNameLen {
-		return false
-	}
-	label := 0
-	for _, c := range name {
-		switch {
-		case c == '.':
-			if label == 0 {
-				return false
-			}
-			label = 0
-		case isHostNameByte(c):
-			label++
-			if label > tlsMaxServerNameLabelLen {
-				return false
-			}
-		default:
-			return false
-		}
-	}
-	return label > 0
 }
 
 // readVec8 splits a vector with a 1-byte length off the front of s.

@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"strings"
 	"testing"
+
+	"github.com/waproxy/caddy-waproxy/internal/hostname"
 )
 
 // FuzzMatchTLS checks the wa_tls classifier: it never panics; its answer
@@ -83,7 +85,7 @@ func nextPrefix(i, n int) int {
 // well-formed protocol list.
 func checkExtracted(t *testing.T, h clientHelloInfo) {
 	t.Helper()
-	if h.serverName != nil && !isHostName(h.serverName) {
+	if h.serverName != nil && hostname.Check(h.serverName) != "" {
 		t.Fatalf("server name %q is not a host name", h.serverName)
 	}
 	if h.hasALPN == (h.alpn == nil) {
