@@ -149,34 +149,10 @@ func waitMetric(t *testing.T, c *testutil.Caddy, series string, want float64) {
 // then echoes.
 func bannerServer(t *testing.T, banner string) string {
 	t.Helper()
-	return serveLoopback(t, func(c net.Conn) {
+	return testutil.ServeLoopback(t, func(c net.Conn) {
 		_, _ = io.WriteString(c, banner)
 		_, _ = io.Copy(c, c)
 	})
-}
-
-// serveLoopback runs handle for each connection to a new loopback listener,
-// closes the connection after it, and returns the listener's address.
-func serveLoopback(t *testing.T, handle func(net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }
 
 // localHandlers points the handlers of a shipped or adapted config at this

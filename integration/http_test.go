@@ -553,7 +553,7 @@ func TestHTTPClientLeaves(t *testing.T) {
 func TestHTTPNoOpenRelay(t *testing.T) {
 	// watched counts connections: a refused request must never reach it
 	var accepted atomic.Int32
-	watched := serveLoopback(t, func(c net.Conn) {
+	watched := testutil.ServeLoopback(t, func(c net.Conn) {
 		accepted.Add(1)
 		_, _ = io.Copy(c, c)
 	})
@@ -726,7 +726,7 @@ func TestHTTPAuth(t *testing.T) {
 func TestHTTPFailures(t *testing.T) {
 	closedPort := strconv.Itoa(testutil.FreePort(t))
 	// silent accepts connections and never answers: no HTTP response, no SOCKS5 reply
-	silent := serveLoopback(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
+	silent := testutil.ServeLoopback(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
 	// garbage answers any request with something that is not HTTP
 	garbage := bannerServer(t, "SSH-2.0-not-http\r\n\r\n")
 	origin := startOrigin(t, false, nil)
@@ -1011,7 +1011,7 @@ func TestHTTPResponseFraming(t *testing.T) {
 // connection.
 func closingServer(t *testing.T, reply string) string {
 	t.Helper()
-	return serveLoopback(t, func(c net.Conn) {
+	return testutil.ServeLoopback(t, func(c net.Conn) {
 		if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
 			_, _ = io.WriteString(c, reply)
 		}

@@ -16,7 +16,7 @@ import (
 // bytes as fast as the connection takes them, then closes.
 func pushServer(t *testing.T, payload []byte) string {
 	t.Helper()
-	return serveLoopback(t, func(c net.Conn) {
+	return testutil.ServeLoopback(t, func(c net.Conn) {
 		if _, err := io.ReadFull(c, make([]byte, 43)); err != nil {
 			return
 		}

@@ -312,3 +312,28 @@ func ListeningSockets(addr string) (int, error) {
 	}
 	return n, nil
 }
+
+// ServeLoopback runs handle for each connection to a new 127.0.0.1
+// listener, closes the connection after it, and returns the listener's
+// address. The listener closes when the test ends.
+func ServeLoopback(t testing.TB, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}

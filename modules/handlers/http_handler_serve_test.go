@@ -11,9 +11,10 @@ import (
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
+	"github.com/waproxy/caddy-waproxy/internal/testutil"
 	"github.com/waproxy/caddy-waproxy/modules/metrics"
 	"github.com/waproxy/caddy-waproxy/modules/registry"
 )
@@ -27,30 +28,9 @@ func serveHTTP(t *testing.T, config string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return startServer(t, func(c net.Conn) {
+	return testutil.ServeLoopback(t, func(c net.Conn) {
 		_ = h.Handle(layer4.WrapConnection(c, nil, zap.NewNop()), nil)
 	})
-}
-
-// startServer accepts connections on a loopback listener and runs serve on
-// each, closing it after.
-func startServer(t *testing.T, serve func(net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); serve(c) }()
-		}
-	}()
-	return ln.Addr().String()
 }
 
 // dialClient connects to addr, with a deadline that bounds the test.
@@ -74,7 +54,7 @@ func TestTunnelEndReported(t *testing.T) {
 			saved := relayMode
 			relayMode = mode
 			defer func() { relayMode = saved }()
-			echo := startServer(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
+			echo := testutil.ServeLoopback(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
 			addr := serveHTTP(t, `{"allow":["127.0.0.1"],"idle_timeout":"300ms"}`)
 			sub := registry.Subscribe(64)
 			defer sub.Unsubscribe()
@@ -117,7 +97,7 @@ func TestTunnelEndReported(t *testing.T) {
 // gets no 100 (RFC 9110 §15.2: a server must not send a 1xx to HTTP/1.0),
 // only the final response.
 func TestNo100ForHTTP10(t *testing.T) {
-	origin := startServer(t, func(c net.Conn) {
+	origin := testutil.ServeLoopback(t, func(c net.Conn) {
 		req, err := http.ReadRequest(bufio.NewReader(c))
 		if err != nil {
 			return
@@ -144,7 +124,7 @@ func TestNo100ForHTTP10(t *testing.T) {
 // bytes_received_total, with every other byte read from clients.
 func TestLingerBytesCounted(t *testing.T) {
 	addr := serveHTTP(t, `{}`)
-	before := testutil.ToFloat64(metrics.BytesReceived)
+	before := promtest.ToFloat64(metrics.BytesReceived)
 	conn, br := dialClient(t, addr)
 	body := strings.Repeat("x", 100_000)
 	req := "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
@@ -163,13 +143,11 @@ func TestLingerBytesCounted(t *testing.T) {
 	_, _ = io.ReadAll(br)
 	// the client sees the end when the linger begins: wait for it to read
 	// the rest
-	var got float64
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if got = testutil.ToFloat64(metrics.BytesReceived) - before; got == float64(len(req)) {
-			return
-		}
+	received := func() float64 { return promtest.ToFloat64(metrics.BytesReceived) - before }
+	testutil.WaitFor(t, 5*time.Second, "the lingering connection's bytes counted", func() bool { return received() >= float64(len(req)) })
+	if got := received(); got != float64(len(req)) {
+		t.Fatalf("bytes_received_total grew by %v, the client sent %d", got, len(req))
 	}
-	t.Fatalf("bytes_received_total grew by %v, the client sent %d", got, len(req))
 }
 
 // TestRefusedConnectEarlyData: a CONNECT that is refused, from a client
@@ -183,7 +161,7 @@ func TestRefusedConnectEarlyData(t *testing.T) {
 	count := func() map[string]float64 {
 		m := map[string]float64{}
 		for _, k := range kinds {
-			m[k] = testutil.ToFloat64(metrics.Errors.WithLabelValues(k))
+			m[k] = promtest.ToFloat64(metrics.Errors.WithLabelValues(k))
 		}
 		return m
 	}
@@ -232,11 +210,11 @@ func TestRefusedConnectEarlyData(t *testing.T) {
 // longer than connect_timeout: 504, counted as kind timeout (not
 // response_timeout, which is for a response header that is late).
 func TestTLSHandshakeTimeoutKind(t *testing.T) {
-	silent := startServer(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
+	silent := testutil.ServeLoopback(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
 	addr := serveHTTP(t, `{"allow":["127.0.0.1"],"connect_timeout":"300ms","response_timeout":"30s"}`)
 	timeout := metrics.Errors.WithLabelValues(metrics.KindTimeout)
 	respTimeout := metrics.Errors.WithLabelValues(metrics.KindResponseTimeout)
-	beforeT, beforeR := testutil.ToFloat64(timeout), testutil.ToFloat64(respTimeout)
+	beforeT, beforeR := promtest.ToFloat64(timeout), promtest.ToFloat64(respTimeout)
 	conn, br := dialClient(t, addr)
 	if _, err := io.WriteString(conn, "GET https://"+silent+"/ HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
 		t.Fatal(err)
@@ -250,13 +228,11 @@ func TestTLSHandshakeTimeoutKind(t *testing.T) {
 		t.Fatalf("status %d %q, want 504", resp.StatusCode, body)
 	}
 	// the error is counted after the answer is written
-	var dt, dr float64
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		if dt, dr = testutil.ToFloat64(timeout)-beforeT, testutil.ToFloat64(respTimeout)-beforeR; dt+dr > 0 {
-			break
-		}
+	grew := func() (float64, float64) {
+		return promtest.ToFloat64(timeout) - beforeT, promtest.ToFloat64(respTimeout) - beforeR
 	}
-	if dt != 1 || dr != 0 {
+	testutil.WaitFor(t, 5*time.Second, "the error counted", func() bool { dt, dr := grew(); return dt+dr > 0 })
+	if dt, dr := grew(); dt != 1 || dr != 0 {
 		t.Fatalf("errors_total: timeout +%v, response_timeout +%v; want timeout +1", dt, dr)
 	}
 }
@@ -272,7 +248,7 @@ func TestTLSHandshakeTimeoutKind(t *testing.T) {
 // that expected 100 Continue but sent its body at once gets the same
 // closing 401.
 func TestEarlyResponseKeepAlive(t *testing.T) {
-	origin := startServer(t, func(c net.Conn) {
+	origin := testutil.ServeLoopback(t, func(c net.Conn) {
 		br := bufio.NewReader(c)
 		for {
 			req, err := http.ReadRequest(br)
