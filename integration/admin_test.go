@@ -252,6 +252,59 @@ func TestAdminEventStream(t *testing.T) {
 	waitMetric(t, c, "whatsapp_proxy_connections_active", 0)
 }
 
+// TestAdminEventStreamEndsOnReload: a config change replaces Caddy's admin
+// server; a stream open on the old one ends at once (it held the old
+// server's shutdown for its 10 s timeout before), and a new stream on the
+// new server works.
+func TestAdminEventStreamEndsOnReload(t *testing.T) {
+	edge := testutil.StartEcho(t)
+	listen := testutil.FreeAddr(t)
+	cfg := func(idle string) string {
+		return proxyConfig(listen, []obj{
+			chatRoute(obj{"destination": edge.Addr, "allow": []string{"127.0.0.1"}, "idle_timeout": idle}),
+		}, "", nil)
+	}
+	c := testutil.StartCaddy(t, cfg("100s"))
+	client := &http.Client{Timeout: 20 * time.Second} // bounds every read below
+	open := func() *bufio.Reader {
+		resp, err := client.Get("http://" + c.Admin + "/waproxy/events")
+		if err != nil {
+			t.Fatalf("GET /waproxy/events: %v", err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		r := bufio.NewReader(resp.Body)
+		if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, ":") {
+			t.Fatalf("stream start %q, %v", line, err)
+		}
+		return r
+	}
+	old := open()
+	start := time.Now()
+	c.Load(t, cfg("90s"))
+	ended := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, old); ended <- err }()
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Fatalf("the stream on the replaced admin server ended with %v, want its clean end", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream on the replaced admin server is still open 5 s after the reload (Caddy waits 10 s for it)")
+	}
+	t.Logf("the old stream ended %v after the reload began", time.Since(start).Round(time.Millisecond))
+
+	r := open()
+	conn := dial(t, listen)
+	remote := conn.LocalAddr().String()
+	exchange(t, conn, waHello())
+	conn.Close()
+	for {
+		if ev := readEvent(t, r); ev.data.Connection.Remote == remote && ev.name == "opened" {
+			return
+		}
+	}
+}
+
 func TestReloadKeepsConnectionListed(t *testing.T) {
 	edge := testutil.StartEcho(t)
 	listen := testutil.FreeAddr(t)
