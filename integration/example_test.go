@@ -104,6 +104,7 @@ func TestMainExample(t *testing.T) {
 		}
 		exchange(t, conn, waHello())
 	})
+	t.Run("browser_over_tls", func(t *testing.T) { browserOverTLS(t, listen) })
 	t.Run("media_passthrough", func(t *testing.T) {
 		conn := dialMedia(t, listen, ca, media, true)
 		exchange(t, conn, []byte("GET /v/t62 HTTP/1.1\r\nHost: mmg.whatsapp.net\r\n\r\n"))

@@ -7,10 +7,12 @@ package integration
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"testing"
 	"time"
 
@@ -199,4 +201,23 @@ func localHandlers(t *testing.T, cfg any, chatDest string, allow []string, hosts
 	}
 	walk(cfg)
 	return counts
+}
+
+// browserOverTLS gets https://listen/ as a browser does, offering h2 first:
+// the proxy must settle on HTTP/1.1, which the decrypted stream's routes
+// recognise (the HTTP/2 preface would go raw to WhatsApp's chat port), and
+// answer with its page.
+func browserOverTLS(t *testing.T, listen string) {
+	t.Helper()
+	tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 20 * time.Second}).Get("https://" + listen + "/")
+	if err != nil {
+		t.Fatalf("a browser's GET over TLS: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Proto != "HTTP/1.1" || resp.TLS.NegotiatedProtocol != "http/1.1" {
+		t.Fatalf("a browser's GET over TLS: %s %s (ALPN %q): %q", resp.Proto, resp.Status, resp.TLS.NegotiatedProtocol, body)
+	}
 }

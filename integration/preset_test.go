@@ -142,22 +142,7 @@ func TestPresetSinglePort(t *testing.T) {
 		// no PROXY header in front of media: the echo is the request alone
 		exchange(t, conn, []byte("GET /v/t62 HTTP/1.1\r\nHost: mmg.whatsapp.net\r\n\r\n"))
 	})
-	t.Run("browser_over_tls", func(t *testing.T) {
-		// a browser offers h2 first: the proxy must settle on HTTP/1.1,
-		// which the decrypted stream's routes recognise (the HTTP/2
-		// preface would go raw to WhatsApp's chat port)
-		tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}
-		defer tr.CloseIdleConnections()
-		resp, err := (&http.Client{Transport: tr, Timeout: 20 * time.Second}).Get("https://" + listen + "/")
-		if err != nil {
-			t.Fatalf("a browser's GET over TLS: %v", err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK || resp.Proto != "HTTP/1.1" || resp.TLS.NegotiatedProtocol != "http/1.1" {
-			t.Fatalf("a browser's GET over TLS: %s %s (ALPN %q): %q", resp.Proto, resp.Status, resp.TLS.NegotiatedProtocol, body)
-		}
-	})
+	t.Run("browser_over_tls", func(t *testing.T) { browserOverTLS(t, listen) })
 	t.Run("http_proxy", func(t *testing.T) {
 		_, originPort, _ := net.SplitHostPort(strings.TrimPrefix(origin.URL, "http://"))
 		seen, resp := getSeen(t, proxyClient(t, listen, nil), "http://localhost:"+originPort+"/echo", nil)
